@@ -1,0 +1,69 @@
+"""Class activation maps: multi-scale CAM (SPEC §3 step 1) and CAM -> label (SPEC §4.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX
+
+
+@torch.no_grad()
+def multiscale_cams(model, x: torch.Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [B, 3, H, W] -> (cams, cams_aux) [B, C-1, H, W] in [0, 1].
+
+    Per scale: resize to int(s*H) x int(s*W), batch with the horizontal flip, CAMs upsampled to (H, W),
+    flip pair fused by element-wise max, ReLU; summed over scales; per-channel min-max normalised.
+    """
+    B, _, H, W = x.shape
+    total = total_aux = 0
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, size=(int(s * H), int(s * W)), mode="bilinear", align_corners=False)
+        cam, cam_aux = model.cams(torch.cat([xs, xs.flip(-1)]))
+        fused = []
+        for c in (cam, cam_aux):
+            c = F.interpolate(c.float(), size=(H, W), mode="bilinear", align_corners=False)
+            fused.append(torch.maximum(c[:B], c[B:].flip(-1)).relu())
+        total, total_aux = total + fused[0], total_aux + fused[1]
+    return minmax_normalize(total), minmax_normalize(total_aux)
+
+
+def minmax_normalize(cam: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per (image, channel) over (h, w): subtract the min, then divide by the max + eps."""
+    cam = cam - cam.amin(dim=(-2, -1), keepdim=True)
+    return cam / (cam.amax(dim=(-2, -1), keepdim=True) + eps)
+
+
+def cam_to_label(
+    cam: torch.Tensor,
+    cls_label: torch.Tensor,
+    img_box: torch.Tensor | None = None,
+    *,
+    bkg_thresh: float = 0.5,
+    high_thresh: float = 0.7,
+    low_thresh: float = 0.25,
+    ignore_mid: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """CAMs [B, C-1, H, W] and multi-hot labels [B, C-1] -> class labels [B, H, W] in {0..C-1, ignore}.
+
+    Pixels whose best present-class score is <= bkg_thresh are background; with ``ignore_mid`` scores in
+    (low, high] are ignored and <= low are background. ``img_box`` [B, 4] = (h0, h1, w0, w1): outside it
+    is ignored (boxes are used as given, in the coordinates of ``cam``).
+    """
+    valid = cls_label[:, :, None, None].to(cam.dtype) * cam
+    score, idx = valid.max(dim=1)
+    label = idx + 1
+    if ignore_mid:
+        label[score <= high_thresh] = ignore_index
+        label[score <= low_thresh] = 0
+    else:
+        label[score <= bkg_thresh] = 0
+    if img_box is not None:
+        keep = torch.zeros_like(label, dtype=torch.bool)
+        for i, (h0, h1, w0, w1) in enumerate(img_box.tolist()):
+            keep[i, h0:h1, w0:w1] = True
+        label[~keep] = ignore_index
+    return label

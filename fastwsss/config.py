@@ -1,0 +1,188 @@
+"""Typed configuration: one dataclass tree is the single source of truth.
+
+The defaults are the papers' VOC settings (shared SPEC §7.1, §9); YAML files in ``configs/`` hold only
+differences; ``key=value`` overrides come last. Unknown keys fail with their full path (``data.roott``),
+wrong types fail with the key and the value, and invalid choices are rejected before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+METHODS = ("cam", "toco", "mcc")
+DATASETS = ("voc", "coco", "synthetic")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class SyntheticConfig:
+    """Generated VOC-layout data (``data.dataset=synthetic``), written to ``data.root`` if missing."""
+
+    num_train: int = 2000
+    num_val: int = 300
+    image_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "voc"
+    root: str = "data/VOC2012"
+    train_split: str = "train_aug"
+    val_split: str = "val"
+    num_classes: int = 21  # including background
+    crop_size: int = 448
+    rescale_range: tuple[float, float] = (0.5, 2.0)
+    num_workers: int = 4
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "deit_base_patch16_224"  # any timm ViT with one class token
+    pretrained: str = ""  # "" = random init, "timm" = timm's hub weights, else a local .pth/.safetensors file
+    pretrained_strict: bool = True  # missing backbone keys in the file are an error (else a loud warning)
+    img_size: int = 224  # the position-embedding table covers img_size/patch_size squared patches
+    patch_size: int | None = None  # None = the timm architecture's own; set for small CPU ViTs
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    aux_layer: int = -3  # auxiliary classifier reads the tokens of this block (before the final norm)
+    freeze_pos_embed: bool = True  # reference quirk (SPEC §11); false makes it trainable
+    decoder_channels: int = 512
+    decoder_dilation: int = 5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-5  # encoder; heads get lr * head_lr_mult
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 0.9
+
+
+@dataclass
+class CamConfig:
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5)  # multi-scale CAM (SPEC §3 step 1)
+    bkg_thresh: float = 0.5  # cam_to_label background threshold (evaluation)
+    high_thresh: float = 0.7
+    low_thresh: float = 0.25
+
+
+@dataclass
+class LossConfig:
+    """Weights and first iteration of each term (SPEC §7.1). A term is computed only while it is weighted."""
+
+    w_cls_aux: float = 1.0
+    w_aff: float = 0.2
+    w_con: float = 0.5
+    w_seg: float = 0.1
+    w_reg: float = 0.05
+    aff_start: int = 0
+    con_start: int = 0
+    seg_start: int = 2000
+    reg_start: int = 2000
+    temperature: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    method: str = "cam"  # cam (classification baseline) | toco | mcc
+    max_iters: int = 20000  # defines the LR schedule
+    stop_at: int | None = None  # stop early (schedule still follows max_iters); resume later
+    batch_size: int = 4
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto = bf16 autocast on CUDA (if supported), fp32 on CPU
+    log_interval: int = 50
+    eval_interval: int = 2000
+    ckpt_interval: int = 2000
+
+
+@dataclass
+class EvalConfig:
+    max_images: int = 0  # 0 = the whole val split
+    num_vis: int = 6  # val images in the PNG grid saved at each evaluation
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # default runs/<name>/<timestamp>
+    resume: str | None = None  # a run directory or a checkpoint file to continue from
+
+
+@dataclass
+class Config:
+    name: str = "voc_cam"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> list[str]:
+    return [] if value in choices else [f"{key}={value!r} is not one of {', '.join(choices)}"]
+
+
+def validate(cfg: Config) -> Config:
+    """Check what types alone cannot; every problem is reported at once."""
+    errors = _choice("data.dataset", cfg.data.dataset, DATASETS)
+    errors += _choice("train.method", cfg.train.method, METHODS)
+    errors += _choice("train.precision", cfg.train.precision, PRECISIONS)
+    if cfg.data.num_classes < 2:
+        errors.append(f"data.num_classes={cfg.data.num_classes} must count background plus at least one class")
+    lo, hi = cfg.data.rescale_range
+    if not 0 < lo <= hi:
+        errors.append(f"data.rescale_range={[lo, hi]} must satisfy 0 < low <= high")
+    for key in ("train.max_iters", "train.batch_size", "train.log_interval", "train.eval_interval",
+                "train.ckpt_interval", "data.crop_size"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            errors.append(f"{key} must be positive")
+    if not cfg.cam.scales:
+        errors.append("cam.scales must name at least one scale")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML file (differences only) <- ``key=value`` overrides."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        layers.append(OmegaConf.load(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got: {' '.join(bad)}")
+    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"bad config{where}: {err}") from None
+    return validate(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

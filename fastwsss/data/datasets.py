@@ -1,0 +1,198 @@
+"""VOC- and COCO-layout segmentation datasets with image-level labels derived from the masks.
+
+Layouts (SPEC §9):
+- ``voc``: ``JPEGImages/<name>.jpg``, ``SegmentationClassAug/<name>.png``, lists ``ImageSets/Segmentation/<split>.txt``.
+- ``coco``: ``JPEGImages/{train2014,val2014}/<name>.jpg``, ``SegmentationClass/{train2014,val2014}/<name>.png``
+  (VOC-style class indices), lists ``ImageSets/<split>.txt``; the subset folder is read off the name.
+
+Image-level labels are never a separate download: each mask's class pixel counts are scanned once and cached
+(``<root>/.fastwsss_cache``, or ``~/.cache/fastwsss`` when the root is read-only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, augment, normalize
+
+IGNORE_INDEX = 255
+LAYOUTS = ("voc", "coco")
+
+
+class DataError(RuntimeError):
+    pass
+
+
+def read_image(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"corrupt or unreadable image {path}: {err}") from err
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Class-index mask [H, W] uint8 (palette PNGs are read as indices, not colours)."""
+    if not path.is_file():
+        raise DataError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise DataError(f"mask {path} has mode {im.mode}; expected a palette (P) or grey (L) class-index PNG")
+            return np.asarray(im, dtype=np.uint8).copy()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"corrupt or unreadable mask {path}: {err}") from err
+
+
+class SegmentationList:
+    """Names, paths and cached image-level labels of one split of a dataset in a standard layout."""
+
+    def __init__(self, root: str | os.PathLike, split: str, layout: str = "voc", num_classes: int = 21):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+        self.root, self.split, self.layout, self.num_classes = Path(root), split, layout, num_classes
+        if not self.root.is_dir():
+            raise DataError(f"dataset root not found: {self.root}")
+        list_path = self.root / ("ImageSets/Segmentation" if layout == "voc" else "ImageSets") / f"{split}.txt"
+        if not list_path.is_file():
+            raise DataError(f"split list not found: {list_path}")
+        lines = [ln.split()[0] for ln in list_path.read_text().splitlines() if ln.strip()]
+        self.names = [Path(ln).stem for ln in lines]
+        if not self.names:
+            raise DataError(f"split list is empty: {list_path}")
+        self.list_path = list_path
+        for kind, paths in (("image", map(self.image_path, self.names)), ("mask", map(self.mask_path, self.names))):
+            missing = [str(p) for p in paths if not p.is_file()]
+            if missing:
+                more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+                raise DataError(f"{len(missing)} {kind}(s) of {list_path} not found: {', '.join(missing[:3])}{more}")
+        self.pixel_counts = self._class_pixel_counts()  # [N, C] int64
+        self.cls_labels = self.pixel_counts[:, 1:] > 0  # [N, C-1] image-level labels
+
+    def _subset(self, name: str) -> str:
+        for subset in ("train2014", "val2014"):
+            if subset in name:
+                return subset
+        raise DataError(f"COCO image name {name!r} names neither train2014 nor val2014")
+
+    def image_path(self, name: str) -> Path:
+        if self.layout == "voc":
+            return self.root / "JPEGImages" / f"{name}.jpg"
+        return self.root / "JPEGImages" / self._subset(name) / f"{name}.jpg"
+
+    def mask_path(self, name: str) -> Path:
+        if self.layout == "voc":
+            return self.root / "SegmentationClassAug" / f"{name}.png"
+        return self.root / "SegmentationClass" / self._subset(name) / f"{name}.png"
+
+    def _class_pixel_counts(self) -> np.ndarray:
+        digest = hashlib.sha1(f"{self.list_path.resolve()}|{self.num_classes}|v1|".encode())
+        digest.update(self.list_path.read_bytes())
+        key = digest.hexdigest()[:16]
+        file_name = f"labels_{self.layout}_{self.split}_{key}.npy"
+        candidates = [self.root / ".fastwsss_cache", Path.home() / ".cache" / "fastwsss"]
+        for d in candidates:
+            if (d / file_name).is_file():
+                counts = np.load(d / file_name)
+                if counts.shape == (len(self.names), self.num_classes):
+                    return counts
+        counts = np.zeros((len(self.names), self.num_classes), dtype=np.int64)
+        for i, name in enumerate(tqdm(self.names, desc=f"labels from masks ({self.split})", leave=False,
+                                      disable=len(self.names) < 2000)):
+            path = self.mask_path(name)
+            hist = np.bincount(read_mask(path).ravel(), minlength=256)
+            bad = np.nonzero(hist[self.num_classes:IGNORE_INDEX])[0] + self.num_classes
+            if bad.size:
+                raise DataError(f"mask {path} holds class values {bad.tolist()} >= data.num_classes="
+                                f"{self.num_classes} (only 0..{self.num_classes - 1} and {IGNORE_INDEX} allowed)")
+            counts[i] = hist[: self.num_classes]
+        for d in candidates:  # first writable location wins; atomic so a killed scan never leaves half a file
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=d, suffix=".tmp", delete=False) as f:
+                    np.save(f, counts)
+                os.replace(f.name, d / file_name)
+                break
+            except OSError:
+                continue
+        return counts
+
+
+class TrainDataset(Dataset):
+    """Augmented training crops. Indexed by ``(index, position)``: every random choice of a sample is seeded
+    by ``(seed, position)`` (position = samples drawn so far), so a run and its resumption see the same data."""
+
+    def __init__(self, items: SegmentationList, *, crop_size: int, rescale_range: tuple[float, float], seed: int):
+        self.items, self.crop_size, self.rescale_range, self.seed = items, crop_size, rescale_range, seed
+
+    def __len__(self) -> int:
+        return len(self.items.names)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, position = key
+        name = self.items.names[index]
+        rng = np.random.default_rng([self.seed, position])
+        img, img_box = augment(read_image(self.items.image_path(name)), rng, self.crop_size, self.rescale_range)
+        return {
+            "name": name,
+            "img": torch.from_numpy(normalize(img)),  # [3, S, S] float32
+            "cls_label": torch.from_numpy(self.items.cls_labels[index].astype(np.float32)),  # [C-1]
+            "img_box": torch.tensor(img_box, dtype=torch.long),  # [4] = h0, h1, w0, w1
+        }
+
+
+class EvalDataset(Dataset):
+    """Images at native resolution with their ground-truth masks."""
+
+    def __init__(self, items: SegmentationList, max_images: int = 0):
+        self.items = items
+        self.size = len(items.names) if max_images <= 0 else min(max_images, len(items.names))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        name = self.items.names[index]
+        raw = np.array(read_image(self.items.image_path(name)), dtype=np.uint8)
+        mask = read_mask(self.items.mask_path(name))
+        if mask.shape != raw.shape[:2]:
+            raise DataError(f"mask {self.items.mask_path(name)} is {mask.shape}, its image is {raw.shape[:2]}")
+        return {
+            "name": name,
+            "img": torch.from_numpy(normalize(raw)),  # [3, H, W]
+            "raw": torch.from_numpy(raw),  # [H, W, 3] uint8
+            "mask": torch.from_numpy(mask.astype(np.int64)),  # [H, W]
+            "cls_label": torch.from_numpy(self.items.cls_labels[index].astype(np.float32)),
+        }
+
+
+class ResumableSampler(Sampler):
+    """Endless stream of ``(index, position)``: epoch e is a permutation seeded by (seed, e); starting at
+    ``start`` (samples already drawn) continues the exact stream of an interrupted run."""
+
+    def __init__(self, size: int, seed: int, start: int = 0):
+        self.size, self.seed, self.start = size, seed, start
+
+    def __iter__(self):
+        position = self.start
+        while True:
+            epoch, offset = divmod(position, self.size)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            for i in order[offset:]:
+                yield int(i), position
+                position += 1
+
+
+__all__ = ["DataError", "EvalDataset", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "ResumableSampler",
+           "SegmentationList", "TrainDataset", "read_image", "read_mask"]

@@ -1,0 +1,261 @@
+"""Training: ``python -m fastwsss.train [--config FILE] [key=value ...]``.
+
+One loop for every method, readable top to bottom: build -> loop (autocast, step, log, eval, checkpoint).
+Without ``--config`` it runs ``configs/demo.yaml`` (synthetic data, small ViT, CPU-sized).
+``run.resume=<run dir>`` continues an interrupted run exactly, from that run's saved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, load_config, to_yaml
+from .data import EvalDataset, ResumableSampler, TrainDataset, class_names, open_splits
+from .evaluate import class_pixel_prior, format_table, evaluate_cams, trivial_baselines
+from .models import WSSSNet, build_model
+
+log = logging.getLogger("fastwsss")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def lr_multiplier(step: int, *, max_iters: int, warmup_iters: int, warmup_ratio: float, power: float) -> float:
+    """Linear warm-up from ``warmup_ratio`` to 1 over ``warmup_iters``, then poly decay on the global step."""
+    if step < warmup_iters:
+        return 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
+    return (1.0 - step / max_iters) ** power
+
+
+def build_optimizer(model: WSSSNet, cfg: Config) -> torch.optim.AdamW:
+    """AdamW, two groups: encoder at ``optim.lr``, heads at ``optim.lr * optim.head_lr_mult``."""
+    o = cfg.optim
+    heads = [p for m in model.head_modules() for p in m.parameters() if p.requires_grad]
+    encoder = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": encoder, "initial_lr": o.lr}, {"params": heads, "initial_lr": o.lr * o.head_lr_mult}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: Config) -> float:
+    o = cfg.optim
+    mult = lr_multiplier(step, max_iters=cfg.train.max_iters, warmup_iters=o.warmup_iters,
+                         warmup_ratio=o.warmup_ratio, power=o.power)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * mult
+    return optimizer.param_groups[0]["lr"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but CUDA is not available")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None = plain fp32. ``auto``: bf16 on CUDA where supported, fp32 on CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def compute_losses(model: WSSSNet, batch: dict, step: int, cfg: Config) -> dict[str, torch.Tensor]:
+    """Loss terms of one step, each already weighted; a term is computed only while it is weighted."""
+    out = model(batch["img"], with_seg=False)
+    cls_label = batch["cls_label"]
+    losses = {"cls": F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_label)}
+    if cfg.loss.w_cls_aux:
+        losses["cls_aux"] = cfg.loss.w_cls_aux * F.multilabel_soft_margin_loss(out.aux_logits.float(), cls_label)
+    return losses
+
+
+class Evaluator:
+    """Periodic evaluation on the val split, printed beside the trivial baselines; saves a PNG grid."""
+
+    def __init__(self, cfg: Config, val_items, prior: np.ndarray, run_dir: Path, device, autocast):
+        self.cfg, self.run_dir, self.device, self.autocast = cfg, run_dir, device, autocast
+        self.dataset = EvalDataset(val_items, cfg.eval.max_images)
+        self.names = class_names(cfg.data)
+        self.baselines = trivial_baselines(self.dataset, prior)
+
+    def __call__(self, model: WSSSNet, step: int) -> dict:
+        t0 = time.time()
+        results = evaluate_cams(
+            model, self.dataset, scales=tuple(self.cfg.cam.scales), bkg_thresh=self.cfg.cam.bkg_thresh,
+            device=self.device, autocast=self.autocast, num_vis=self.cfg.eval.num_vis,
+            vis_path=self.run_dir / "vis" / f"cam_{step:06d}.png", num_workers=min(self.cfg.data.num_workers, 2),
+        )
+        columns = {**results, **self.baselines}
+        tqdm.write(f"\n[eval @ {step}] {len(self.dataset)} val images, {time.time() - t0:.1f} s; IoU %:\n"
+                   + format_table(self.names, columns) + "\n")
+        return {"step": step, "num_images": len(self.dataset),
+                **{f"{k}_miou": cm.miou() for k, cm in columns.items()},
+                "per_class": {k: dict(zip(self.names, np.nan_to_num(cm.iou(), nan=-1).round(4).tolist()))
+                              for k, cm in columns.items()}}
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) one training job; returns the last evaluation."""
+    resume = load_checkpoint(cfg.run.resume) if cfg.run.resume else None
+    if resume is not None:
+        run_dir = Path(resume["path"]).parent.parent
+    else:
+        run_dir = Path(cfg.run.dir or Path("runs") / cfg.name / time.strftime("%Y%m%d-%H%M%S"))
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            raise FileExistsError(f"{run_dir} already holds a run; resume it with run.resume={run_dir} "
+                                  "or choose another run.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run.dir = str(run_dir)
+    _setup_logging(run_dir)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    log.info("resolved config (saved to %s):\n%s", run_dir / "config.yaml", to_yaml(cfg))
+    if cfg.train.method != "cam":
+        raise NotImplementedError(f"train.method={cfg.train.method}: the ToCo and MCC losses are not implemented "
+                                  "yet; train.method=cam trains the classification baseline")
+
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    amp = autocast_dtype(cfg.train.precision, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+    train_items, val_items = open_splits(cfg.data)
+    log.info("data: %s train / %s val images from %s", len(train_items.names), len(val_items.names), cfg.data.root)
+
+    model = build_model(cfg.model, cfg.data.num_classes).to(device)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    step = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
+        step = resume["iteration"]
+        log.info("resumed from %s at iteration %d", resume["path"], step)
+
+    bs = cfg.train.batch_size
+    train_set = TrainDataset(train_items, crop_size=cfg.data.crop_size, rescale_range=tuple(cfg.data.rescale_range),
+                             seed=cfg.train.seed)
+    loader = DataLoader(train_set, batch_size=bs, sampler=ResumableSampler(len(train_set), cfg.train.seed, step * bs),
+                        num_workers=cfg.data.num_workers, drop_last=True, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.data.num_workers > 0)
+    evaluator = Evaluator(cfg, val_items, class_pixel_prior(train_items.pixel_counts), run_dir, device, autocast)
+
+    def checkpoint(it: int) -> None:
+        save_checkpoint(run_dir / "checkpoints" / "last.pt", {
+            "iteration": it, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_state(), "config": to_yaml(cfg),
+        })
+
+    stop_requested = []
+    previous_handlers = {s: signal.signal(s, lambda *_: stop_requested.append(True))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = min(cfg.train.stop_at or cfg.train.max_iters, cfg.train.max_iters)
+    metrics = open(run_dir / "metrics.jsonl", "a")
+    sums: dict[str, torch.Tensor] = {}
+    skipped = 0
+    last_eval: dict = {}
+    bar = tqdm(total=cfg.train.max_iters, initial=step, desc=cfg.name, dynamic_ncols=True, mininterval=2.0)
+    t_log, step_log = time.time(), step
+    model.train()
+    batches = iter(loader)
+    try:
+        while step < stop and not stop_requested:
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            lr = set_lr(optimizer, step, cfg)
+            with autocast():
+                losses = compute_losses(model, batch, step, cfg)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):  # one scalar sync per step: a NaN must never reach the weights
+                skipped += 1
+                log.warning("step %d: non-finite loss %s, step skipped", step,
+                            {k: float(v) for k, v in losses.items()})
+                if skipped >= 10:
+                    raise FloatingPointError(f"{skipped} non-finite losses; last at step {step}")
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0) + v.detach()
+            step += 1
+            bar.update(1)
+
+            if step % cfg.train.log_interval == 0 or step == stop:
+                n = step - step_log
+                values = dict(zip(sums, torch.stack(list(sums.values())).div(n).tolist())) if sums else {}
+                rate = n / (time.time() - t_log)
+                record = {"step": step, "lr": lr, "it_per_s": rate, **values}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()} | {"lr": f"{lr:.2e}"})
+                sums, t_log, step_log = {}, time.time(), step
+            if step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters:
+                last_eval = evaluator(model, step)
+                metrics.write(json.dumps({"eval": last_eval}) + "\n")
+                metrics.flush()
+            if step % cfg.train.ckpt_interval == 0 or step == stop:
+                checkpoint(step)
+        if stop_requested:
+            checkpoint(step)
+            log.warning("stopped by signal at iteration %d; checkpoint saved, resume with run.resume=%s", step, run_dir)
+    finally:
+        bar.close()
+        metrics.close()
+        for s, h in previous_handlers.items():
+            signal.signal(s, h)
+    if last_eval:
+        (run_dir / "results.json").write_text(json.dumps(last_eval, indent=1))
+    log.info("run directory: %s", run_dir)
+    return last_eval
+
+
+def _setup_logging(run_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "train.log")):
+        h.setFormatter(fmt)
+        log.addHandler(h)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastwsss.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"YAML file (default: {DEFAULT_CONFIG.name}; when resuming: the run's own)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_iters=100 data.root=/data/VOC2012")
+    args = parser.parse_args(argv)
+    path = args.config
+    if path is None:
+        resume = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run.resume=")), None)
+        if resume:
+            run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent.parent
+            path = run_dir / "config.yaml"
+        else:
+            path = DEFAULT_CONFIG
+    cfg = load_config(path, args.overrides)
+    result = train(cfg)
+    if result and not math.isnan(result.get("cam_miou", math.nan)):
+        print(f"CAM mIoU {100 * result['cam_miou']:.1f} | all-background {100 * result['all-bg_miou']:.1f} | "
+              f"most-likely-present-class {100 * result['likely-cls_miou']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
