@@ -37,6 +37,9 @@ class DataConfig:
     num_classes: int = 21  # including background
     crop_size: int = 448
     rescale_range: tuple[float, float] = (0.5, 2.0)
+    color_jitter_p: float = 0.8  # jitter (0.4, 0.4, 0.2, 0.1)
+    grayscale_p: float = 0.2
+    blur_p: float = 1.0  # Gaussian blur, radius U(0.1, 2.0)
     num_workers: int = 4
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -111,6 +114,7 @@ class TrainConfig:
 class EvalConfig:
     max_images: int = 0  # 0 = the whole val split
     num_vis: int = 6  # val images in the PNG grid saved at each evaluation
+    batch_size: int = 1  # > 1 only for val images of one size (e.g. synthetic)
 
 
 @dataclass

@@ -97,27 +97,31 @@ def evaluate_cams(
     num_vis: int = 0,
     vis_path: str | Path | None = None,
     num_workers: int = 0,
+    batch_size: int = 1,
 ) -> dict[str, ConfusionMatrix]:
     """Multi-scale CAM and aux-CAM labels (ground-truth image labels, background threshold) over the split,
-    streamed into confusion matrices; a PNG grid of the first ``num_vis`` images if ``vis_path``."""
+    streamed into confusion matrices; a PNG grid of the first ``num_vis`` images if ``vis_path``.
+    ``batch_size`` > 1 needs images of one size (e.g. the synthetic data)."""
     C = dataset.items.num_classes
     results = {"cam": ConfusionMatrix(C), "aux-cam": ConfusionMatrix(C)}
     rows = []
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
-    for i, s in enumerate(loader):
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    for s in loader:
         x, cls_label = s["img"].to(device), s["cls_label"].to(device)
         with autocast():
             cams, cams_aux = multiscale_cams(model, x, scales)
         labels = {}
         for key, c in (("cam", cams), ("aux-cam", cams_aux)):
-            labels[key] = cam_to_label(c.float(), cls_label, bkg_thresh=bkg_thresh)[0].cpu()
-            results[key].update(labels[key], s["mask"][0])
-        if vis_path is not None and i < num_vis:
-            raw = s["raw"][0].numpy()
-            peak = (cls_label[:, :, None, None] * cams).amax(1)[0].float().cpu().numpy()
-            rows.append([raw, heatmap(peak, raw), colorize(labels["cam"].numpy()), colorize(s["mask"][0].numpy())])
+            labels[key] = cam_to_label(c.float(), cls_label, bkg_thresh=bkg_thresh).cpu()
+            results[key].update(labels[key], s["mask"])
+        if vis_path is not None and len(rows) < num_vis:
+            peak = (cls_label[:, :, None, None] * cams).amax(1).float().cpu().numpy()
+            for j in range(min(len(x), num_vis - len(rows))):
+                raw = s["raw"][j].numpy()
+                rows.append([raw, heatmap(peak[j], raw), colorize(labels["cam"][j].numpy()),
+                             colorize(s["mask"][j].numpy())])
     model.train(was_training)
     if rows:
         save_grid(rows, vis_path)

@@ -99,6 +99,7 @@ class Evaluator:
             model, self.dataset, scales=tuple(self.cfg.cam.scales), bkg_thresh=self.cfg.cam.bkg_thresh,
             device=self.device, autocast=self.autocast, num_vis=self.cfg.eval.num_vis,
             vis_path=self.run_dir / "vis" / f"cam_{step:06d}.png", num_workers=min(self.cfg.data.num_workers, 2),
+            batch_size=self.cfg.eval.batch_size,
         )
         columns = {**results, **self.baselines}
         tqdm.write(f"\n[eval @ {step}] {len(self.dataset)} val images, {time.time() - t0:.1f} s; IoU %:\n"
@@ -111,6 +112,9 @@ class Evaluator:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) one training job; returns the last evaluation."""
+    if cfg.train.method != "cam":
+        raise NotImplementedError(f"train.method={cfg.train.method}: the ToCo and MCC losses are not implemented "
+                                  "yet; train.method=cam trains the classification baseline")
     resume = load_checkpoint(cfg.run.resume) if cfg.run.resume else None
     if resume is not None:
         run_dir = Path(resume["path"]).parent.parent
@@ -124,9 +128,6 @@ def train(cfg: Config) -> dict:
     _setup_logging(run_dir)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log.info("resolved config (saved to %s):\n%s", run_dir / "config.yaml", to_yaml(cfg))
-    if cfg.train.method != "cam":
-        raise NotImplementedError(f"train.method={cfg.train.method}: the ToCo and MCC losses are not implemented "
-                                  "yet; train.method=cam trains the classification baseline")
 
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -149,8 +150,9 @@ def train(cfg: Config) -> dict:
         log.info("resumed from %s at iteration %d", resume["path"], step)
 
     bs = cfg.train.batch_size
-    train_set = TrainDataset(train_items, crop_size=cfg.data.crop_size, rescale_range=tuple(cfg.data.rescale_range),
-                             seed=cfg.train.seed)
+    d = cfg.data
+    train_set = TrainDataset(train_items, crop_size=d.crop_size, rescale_range=tuple(d.rescale_range),
+                             seed=cfg.train.seed, jitter_p=d.color_jitter_p, gray_p=d.grayscale_p, blur_p=d.blur_p)
     loader = DataLoader(train_set, batch_size=bs, sampler=ResumableSampler(len(train_set), cfg.train.seed, step * bs),
                         num_workers=cfg.data.num_workers, drop_last=True, pin_memory=device.type == "cuda",
                         persistent_workers=cfg.data.num_workers > 0)
@@ -242,15 +244,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help=f"YAML file (default: {DEFAULT_CONFIG.name}; when resuming: the run's own)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_iters=100 data.root=/data/VOC2012")
     args = parser.parse_args(argv)
-    path = args.config
+    path, overrides = args.config, args.overrides
     if path is None:
-        resume = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run.resume=")), None)
-        if resume:
+        resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("run.resume=")), None)
+        if resume:  # the run's own config; its early stop was for the interrupted invocation only
             run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent.parent
-            path = run_dir / "config.yaml"
+            path, overrides = run_dir / "config.yaml", ["train.stop_at=null", *overrides]
         else:
             path = DEFAULT_CONFIG
-    cfg = load_config(path, args.overrides)
+    cfg = load_config(path, overrides)
     result = train(cfg)
     if result and not math.isnan(result.get("cam_miou", math.nan)):
         print(f"CAM mIoU {100 * result['cam_miou']:.1f} | all-background {100 * result['all-bg_miou']:.1f} | "

@@ -133,8 +133,10 @@ class TrainDataset(Dataset):
     """Augmented training crops. Indexed by ``(index, position)``: every random choice of a sample is seeded
     by ``(seed, position)`` (position = samples drawn so far), so a run and its resumption see the same data."""
 
-    def __init__(self, items: SegmentationList, *, crop_size: int, rescale_range: tuple[float, float], seed: int):
+    def __init__(self, items: SegmentationList, *, crop_size: int, rescale_range: tuple[float, float], seed: int,
+                 jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 1.0):
         self.items, self.crop_size, self.rescale_range, self.seed = items, crop_size, rescale_range, seed
+        self.photometric_p = (jitter_p, gray_p, blur_p)
 
     def __len__(self) -> int:
         return len(self.items.names)
@@ -143,7 +145,8 @@ class TrainDataset(Dataset):
         index, position = key
         name = self.items.names[index]
         rng = np.random.default_rng([self.seed, position])
-        img, img_box = augment(read_image(self.items.image_path(name)), rng, self.crop_size, self.rescale_range)
+        img, img_box = augment(read_image(self.items.image_path(name)), rng, self.crop_size, self.rescale_range,
+                               *self.photometric_p)
         return {
             "name": name,
             "img": torch.from_numpy(normalize(img)),  # [3, S, S] float32

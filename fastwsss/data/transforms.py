@@ -76,11 +76,11 @@ def photometric(img: Image.Image, rng: np.random.Generator, jitter_p: float = 0.
     return img
 
 
-def augment(img: Image.Image, rng: np.random.Generator, crop_size: int,
-            rescale_range: tuple[float, float]) -> tuple[np.ndarray, list[int]]:
+def augment(img: Image.Image, rng: np.random.Generator, crop_size: int, rescale_range: tuple[float, float],
+            jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 1.0) -> tuple[np.ndarray, list[int]]:
     """PIL RGB image -> augmented uint8 crop [S, S, 3] and its img_box."""
     img = random_rescale(img, rng, rescale_range)
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     crop, box = random_pad_crop(np.asarray(img), rng, crop_size)
-    return np.asarray(photometric(Image.fromarray(crop), rng)), box
+    return np.asarray(photometric(Image.fromarray(crop), rng, jitter_p, gray_p, blur_p)), box

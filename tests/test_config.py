@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from fastwsss.config import ConfigError, load_config, to_yaml
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_all_configs_present():
+    assert {p.stem for p in CONFIGS} >= {"demo", "voc_toco", "voc_mcc", "coco_toco", "coco_mcc"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_yaml_loads_and_starts_with_a_comment(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    assert path.read_text().startswith("#"), "each YAML starts with what it reproduces and how to run it"
+    assert load_config(None, [f"{k}={v}" for k, v in [("name", cfg.name)]]).name == cfg.name
+
+
+def test_paper_settings():
+    voc, coco = load_config(CONFIGS[0].parent / "voc_mcc.yaml"), load_config(CONFIGS[0].parent / "coco_toco.yaml")
+    assert (voc.train.max_iters, voc.train.batch_size, voc.data.crop_size, voc.optim.lr) == (20000, 4, 448, 6e-5)
+    assert (voc.loss.w_aff, voc.loss.w_con, voc.loss.w_seg, voc.loss.w_reg, voc.loss.seg_start) == (0.2, 0.5, 0.1, 0.05, 2000)
+    assert voc.model.backbone == "deit_base_patch16_224" and voc.model.freeze_pos_embed
+    assert (coco.train.max_iters, coco.train.batch_size, coco.data.num_classes) == (80000, 8, 81)
+    assert (coco.cam.high_thresh, coco.cam.low_thresh, coco.cam.bkg_thresh) == (0.65, 0.25, 0.45)
+    assert (coco.loss.seg_start, coco.loss.aff_start, coco.loss.con_start, coco.loss.temperature) == (8000, 12000, 12000, 1.0)
+
+
+def test_typo_is_rejected_with_full_key_path(tmp_path):
+    with pytest.raises(ConfigError, match="data.roott"):
+        load_config(None, ["data.roott=/x"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  depht: 3\n")
+    with pytest.raises(ConfigError, match=r"model\.depht[\s\S]*bad\.yaml|bad\.yaml[\s\S]*model\.depht"):
+        load_config(bad)
+
+
+def test_wrong_type_and_bad_choice_are_rejected():
+    with pytest.raises(ConfigError, match="train.max_iters"):
+        load_config(None, ["train.max_iters=many"])
+    with pytest.raises(ConfigError, match="data.dataset='vok'[\\s\\S]*train.method='tocoo'"):
+        load_config(None, ["train.method=tocoo", "data.dataset=vok"])  # every problem at once
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.max_iters"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("no/such/file.yaml")
+
+
+def test_overrides_win_and_yaml_round_trips(tmp_path):
+    cfg = load_config(CONFIGS[0].parent / "demo.yaml", ["train.max_iters=7", "data.rescale_range=[0.5,1.0]"])
+    assert cfg.train.max_iters == 7 and tuple(cfg.data.rescale_range) == (0.5, 1.0)
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert load_config(saved) == cfg

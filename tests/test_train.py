@@ -1,0 +1,54 @@
+import json
+import math
+
+import pytest
+import torch
+
+from fastwsss.checkpoint import load_checkpoint
+from fastwsss.train import main, train
+
+
+def test_training_run_writes_a_complete_run_directory(tiny_config, tmp_path, capsys):
+    cfg = tiny_config("train.max_iters=4", "train.eval_interval=4", "train.ckpt_interval=2")
+    result = train(cfg)
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file() and (run / "train.log").is_file() and (run / "results.json").is_file()
+    assert (run / "vis" / "cam_000004.png").is_file()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "step" in x and "cls" in x]
+    assert [x["step"] for x in steps] == [2, 4] and all(math.isfinite(x["cls"]) for x in steps)
+    assert set(result) >= {"cam_miou", "aux-cam_miou", "all-bg_miou", "likely-cls_miou", "per_class"}
+    assert 0 <= result["cam_miou"] <= 1 and result["num_images"] == 6
+    ckpt = load_checkpoint(run)
+    assert ckpt["iteration"] == 4 and set(ckpt) >= {"model", "optimizer", "scaler", "rng", "config"}
+    out = capsys.readouterr()
+    assert "all-bg" in out.out + out.err and "mIoU" in out.out + out.err
+    with pytest.raises(FileExistsError, match="run.resume"):
+        train(tiny_config("train.max_iters=4"))  # never silently overwrite a run
+
+
+def test_resume_continues_exactly(tiny_config, tmp_path):
+    """2k steps straight == k steps, stop, resume, k more steps: identical weights on CPU."""
+    k = 3
+    common = [f"train.max_iters={2 * k}", "train.eval_interval=100", "train.ckpt_interval=100", "data.num_workers=1"]
+    train(tiny_config(*common, f"run.dir={tmp_path / 'a'}"))
+    train(tiny_config(*common, f"run.dir={tmp_path / 'b'}", f"train.stop_at={k}"))
+    assert load_checkpoint(tmp_path / "b")["iteration"] == k
+    main([f"run.resume={tmp_path / 'b'}"])  # the run's own config.yaml is used
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert b["iteration"] == 2 * k
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_unimplemented_method_fails_before_training(tiny_config):
+    with pytest.raises(NotImplementedError, match="train.method=mcc"):
+        train(tiny_config("train.method=mcc"))
+
+
+def test_cli_rejects_unknown_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["--confg", "x.yaml"])
+    assert "unrecognized arguments" in capsys.readouterr().err
