@@ -62,8 +62,13 @@ def cam_to_label(
     else:
         label[score <= bkg_thresh] = 0
     if img_box is not None:
-        keep = torch.zeros_like(label, dtype=torch.bool)
-        for i, (h0, h1, w0, w1) in enumerate(img_box.tolist()):
-            keep[i, h0:h1, w0:w1] = True
-        label[~keep] = ignore_index
+        label = ignore_outside_box(label, img_box, ignore_index)
     return label
+
+
+def ignore_outside_box(label: torch.Tensor, img_box: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Labels [B, H, W]; boxes [B, 4] = (h0, h1, w0, w1) in label coordinates: outside -> ignore."""
+    keep = torch.zeros_like(label, dtype=torch.bool)
+    for i, (h0, h1, w0, w1) in enumerate(img_box.tolist()):
+        keep[i, h0:h1, w0:w1] = True
+    return label.masked_fill(~keep, ignore_index)

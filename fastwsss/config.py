@@ -89,11 +89,49 @@ class LossConfig:
     w_con: float = 0.5
     w_seg: float = 0.1
     w_reg: float = 0.05
-    aff_start: int = 0
+    aff_start: int = 0  # first (0-based) iteration at which the term is on; "after step 2000" is 2001
     con_start: int = 0
-    seg_start: int = 2000
-    reg_start: int = 2000
+    seg_start: int = 2001
+    reg_start: int = 2001
     temperature: float = 0.5
+    seg_label_aux_until: int = 0  # seg labels come from the aux CAM before this iteration (COCO: 12000)
+    reg_sigma_rgb: float = 15.0
+    reg_sigma_xy: float = 100.0
+    reg_scale: float = 0.5
+
+
+@dataclass
+class ContrastConfig:
+    """Local views, projector and EMA teacher of the contrast loss (SPEC §2, §5, §6)."""
+
+    num_local: int = 8  # local views per image: ToCo crops / MCC key masks
+    proj_dim: int = 1024
+    proj_hidden: int = 2048
+    proj_bottleneck: int = 256
+    ema_momentum: float = 0.9
+    toco_crop_size: int = 96
+    neg_thresh: float = 0.2  # a local view is negative iff its (visible) mean roi <= this
+    mcc_mask_prob: float = 0.95
+    mcc_mask_cell: int = 4  # tokens per side of one Bernoulli cell
+    mcc_aux_cam_until: int = 12000  # MCC flags use the aux CAM up to this iteration, then the final CAM
+    mcc_forward: str = "drop"  # drop = exact token dropping | masked = reference (views replicated, keys masked)
+
+
+@dataclass
+class QuirkConfig:
+    """Reference-code behaviours that look like bugs (SPEC §11). Defaults reproduce the published code."""
+
+    contrast_extra_term: bool = True  # true: keep the always-run sum_a log(1 + n_a) term of the contrast loss
+    scale_box_to_grid: bool = False  # true: map img_box onto the token grid (faithful: applied as is, so padded
+    #   crops lose affinity supervision)
+    share_local_flip: bool = False  # true: the local view shares the image's flip (faithful: independent flip)
+    flip_box: bool = False  # true: flip img_box with the image (faithful: box computed before the flip, not flipped)
+    exact_reg_grad: bool = False  # true: exact gradient of the regularisation loss (faithful: -2 AS / B * ROI)
+
+
+@dataclass
+class KernelConfig:
+    backend: str = "auto"  # auto | torch | triton, for every fused op (PAR, affinity loss, lattice filter)
 
 
 @dataclass
@@ -131,6 +169,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    contrast: ContrastConfig = field(default_factory=ContrastConfig)
+    quirks: QuirkConfig = field(default_factory=QuirkConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -149,6 +190,8 @@ def validate(cfg: Config) -> Config:
     errors = _choice("data.dataset", cfg.data.dataset, DATASETS)
     errors += _choice("train.method", cfg.train.method, METHODS)
     errors += _choice("train.precision", cfg.train.precision, PRECISIONS)
+    errors += _choice("contrast.mcc_forward", cfg.contrast.mcc_forward, ("drop", "masked"))
+    errors += _choice("kernels.backend", cfg.kernels.backend, ("auto", "torch", "triton"))
     if cfg.data.num_classes < 2:
         errors.append(f"data.num_classes={cfg.data.num_classes} must count background plus at least one class")
     lo, hi = cfg.data.rescale_range

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, load_config, to_yaml
 from .data import EvalDataset, ResumableSampler, TrainDataset, class_names, open_splits
-from .evaluate import class_pixel_prior, format_table, evaluate_cams, trivial_baselines
+from .evaluate import class_pixel_prior, evaluate_cams, format_table, trivial_baselines
+from .methods import compute_losses
 from .models import WSSSNet, build_model
 
 log = logging.getLogger("fastwsss")
@@ -74,16 +74,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def compute_losses(model: WSSSNet, batch: dict, step: int, cfg: Config) -> dict[str, torch.Tensor]:
-    """Loss terms of one step, each already weighted; a term is computed only while it is weighted."""
-    out = model(batch["img"], with_seg=False)
-    cls_label = batch["cls_label"]
-    losses = {"cls": F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_label)}
-    if cfg.loss.w_cls_aux:
-        losses["cls_aux"] = cfg.loss.w_cls_aux * F.multilabel_soft_margin_loss(out.aux_logits.float(), cls_label)
-    return losses
-
-
 class Evaluator:
     """Periodic evaluation on the val split, printed beside the trivial baselines; saves a PNG grid."""
 
@@ -112,9 +102,6 @@ class Evaluator:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) one training job; returns the last evaluation."""
-    if cfg.train.method != "cam":
-        raise NotImplementedError(f"train.method={cfg.train.method}: the ToCo and MCC losses are not implemented "
-                                  "yet; train.method=cam trains the classification baseline")
     resume = load_checkpoint(cfg.run.resume) if cfg.run.resume else None
     if resume is not None:
         run_dir = Path(resume["path"]).parent.parent
@@ -137,7 +124,10 @@ def train(cfg: Config) -> dict:
     train_items, val_items = open_splits(cfg.data)
     log.info("data: %s train / %s val images from %s", len(train_items.names), len(val_items.names), cfg.data.root)
 
-    model = build_model(cfg.model, cfg.data.num_classes).to(device)
+    c = cfg.contrast
+    projector = None if cfg.train.method == "cam" else dict(
+        out_dim=c.proj_dim, hidden_dim=c.proj_hidden, bottleneck_dim=c.proj_bottleneck)
+    model = build_model(cfg.model, cfg.data.num_classes, projector).to(device)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step = 0
@@ -150,9 +140,14 @@ def train(cfg: Config) -> dict:
         log.info("resumed from %s at iteration %d", resume["path"], step)
 
     bs = cfg.train.batch_size
-    d = cfg.data
-    train_set = TrainDataset(train_items, crop_size=d.crop_size, rescale_range=tuple(d.rescale_range),
-                             seed=cfg.train.seed, jitter_p=d.color_jitter_p, gray_p=d.grayscale_p, blur_p=d.blur_p)
+    d, patch = cfg.data, model.backbone.patch_embed.patch_size[0]
+    train_set = TrainDataset(
+        train_items, crop_size=d.crop_size, rescale_range=tuple(d.rescale_range), seed=cfg.train.seed,
+        jitter_p=d.color_jitter_p, gray_p=d.grayscale_p, blur_p=d.blur_p,
+        views="none" if cfg.train.method == "cam" else "contrast",
+        num_masks=c.num_local if cfg.train.method == "mcc" else 0, mask_grid=(d.crop_size // patch,) * 2,
+        mask_prob=c.mcc_mask_prob, mask_cell=c.mcc_mask_cell, share_flip=cfg.quirks.share_local_flip,
+        flip_box=cfg.quirks.flip_box)
     loader = DataLoader(train_set, batch_size=bs, sampler=ResumableSampler(len(train_set), cfg.train.seed, step * bs),
                         num_workers=cfg.data.num_workers, drop_last=True, pin_memory=device.type == "cuda",
                         persistent_workers=cfg.data.num_workers > 0)

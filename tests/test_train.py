@@ -43,9 +43,17 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
-def test_unimplemented_method_fails_before_training(tiny_config):
-    with pytest.raises(NotImplementedError, match="train.method=mcc"):
-        train(tiny_config("train.method=mcc"))
+METHOD_OVERRIDES = ["loss.seg_start=0", "loss.reg_start=0", "contrast.toco_crop_size=16", "contrast.proj_hidden=64",
+                    "contrast.proj_bottleneck=16", "contrast.proj_dim=32", "contrast.num_local=3"]
+
+
+@pytest.mark.parametrize("method", ["toco", "mcc"])
+def test_methods_train_every_term(tiny_config, tmp_path, method):
+    train(tiny_config(f"train.method={method}", "train.max_iters=2", "train.eval_interval=100", *METHOD_OVERRIDES))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    record = next(x for x in lines if x.get("step") == 2)
+    for term in ("cls", "cls_aux", "seg", "reg", "aff", "con"):
+        assert math.isfinite(record[term]), (term, record)
 
 
 def test_cli_rejects_unknown_flags(capsys):

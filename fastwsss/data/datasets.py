@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, augment, normalize
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, augment, contrast_sample, normalize, random_key_masks
 
 IGNORE_INDEX = 255
 LAYOUTS = ("voc", "coco")
@@ -131,12 +131,23 @@ class SegmentationList:
 
 class TrainDataset(Dataset):
     """Augmented training crops. Indexed by ``(index, position)``: every random choice of a sample is seeded
-    by ``(seed, position)`` (position = samples drawn so far), so a run and its resumption see the same data."""
+    by ``(seed, position)`` (position = samples drawn so far), so a run and its resumption see the same data.
+
+    ``views``: "none" (image, labels, img_box), or "contrast" (ToCo / MCC: also ``local`` and ``global2``, see
+    :func:`contrast_sample`), plus MCC's ``key_keep`` [num_masks, h*w] when ``num_masks`` > 0.
+    """
 
     def __init__(self, items: SegmentationList, *, crop_size: int, rescale_range: tuple[float, float], seed: int,
-                 jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 1.0):
+                 jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 1.0, views: str = "none",
+                 num_masks: int = 0, mask_grid: tuple[int, int] = (0, 0), mask_prob: float = 0.95, mask_cell: int = 4,
+                 share_flip: bool = False, flip_box: bool = False):
+        if views not in ("none", "contrast"):
+            raise ValueError(f"views={views!r} is not one of none, contrast")
         self.items, self.crop_size, self.rescale_range, self.seed = items, crop_size, rescale_range, seed
         self.photometric_p = (jitter_p, gray_p, blur_p)
+        self.views, self.num_masks, self.mask_grid, self.mask_prob, self.mask_cell = (
+            views, num_masks, mask_grid, mask_prob, mask_cell)
+        self.share_flip, self.flip_box = share_flip, flip_box
 
     def __len__(self) -> int:
         return len(self.items.names)
@@ -145,14 +156,22 @@ class TrainDataset(Dataset):
         index, position = key
         name = self.items.names[index]
         rng = np.random.default_rng([self.seed, position])
-        img, img_box = augment(read_image(self.items.image_path(name)), rng, self.crop_size, self.rescale_range,
-                               *self.photometric_p)
-        return {
-            "name": name,
-            "img": torch.from_numpy(normalize(img)),  # [3, S, S] float32
-            "cls_label": torch.from_numpy(self.items.cls_labels[index].astype(np.float32)),  # [C-1]
-            "img_box": torch.tensor(img_box, dtype=torch.long),  # [4] = h0, h1, w0, w1
-        }
+        image = read_image(self.items.image_path(name))
+        sample = {"name": name, "cls_label": torch.from_numpy(self.items.cls_labels[index].astype(np.float32))}
+        if self.views == "none":
+            img, img_box = augment(image, rng, self.crop_size, self.rescale_range, *self.photometric_p)
+        else:
+            views = contrast_sample(image, rng, self.crop_size, self.rescale_range, *self.photometric_p,
+                                    share_flip=self.share_flip, flip_box=self.flip_box)
+            img, img_box = views["img"], views["img_box"]
+            sample["local"] = torch.from_numpy(normalize(views["local"]))
+            sample["global2"] = torch.from_numpy(normalize(views["global2"]))
+            if self.num_masks:
+                keep = random_key_masks(rng, self.num_masks, self.mask_grid, self.mask_prob, self.mask_cell)
+                sample["key_keep"] = torch.from_numpy(keep)  # [M, h*w] bool, True = visible
+        sample["img"] = torch.from_numpy(normalize(img))  # [3, S, S] float32
+        sample["img_box"] = torch.tensor(img_box, dtype=torch.long)  # [4] = h0, h1, w0, w1
+        return sample
 
 
 class EvalDataset(Dataset):

@@ -7,8 +7,10 @@ p 0.8 -> grayscale p 0.2 -> Gaussian blur p 1.0 (radius U(0.1, 2.0)).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from .._compat import ensure_torchvision
 
@@ -78,9 +80,68 @@ def photometric(img: Image.Image, rng: np.random.Generator, jitter_p: float = 0.
 
 def augment(img: Image.Image, rng: np.random.Generator, crop_size: int, rescale_range: tuple[float, float],
             jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 1.0) -> tuple[np.ndarray, list[int]]:
-    """PIL RGB image -> augmented uint8 crop [S, S, 3] and its img_box."""
+    """PIL RGB image -> augmented uint8 crop [S, S, 3] and its img_box (flip before the crop: box stays right)."""
     img = random_rescale(img, rng, rescale_range)
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     crop, box = random_pad_crop(np.asarray(img), rng, crop_size)
     return np.asarray(photometric(Image.fromarray(crop), rng, jitter_p, gray_p, blur_p)), box
+
+
+def random_resized_crop(img: Image.Image, rng: np.random.Generator, size: int, scale: tuple[float, float] = (0.4, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision's RandomResizedCrop (bicubic), seeded by ``rng``."""
+    W, H = img.size
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            i, j = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            return img.resize((size, size), Image.BICUBIC, box=(j, i, j + w, i + h))
+    s = min(H, W)  # fallback: central square
+    i, j = (H - s) // 2, (W - s) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(j, i, j + s, i + s))
+
+
+def maybe_flip(img: Image.Image, flip: bool) -> Image.Image:
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
+
+
+def contrast_sample(img: Image.Image, rng: np.random.Generator, crop_size: int, rescale_range: tuple[float, float],
+                    jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 1.0, *, share_flip: bool = False,
+                    flip_box: bool = False) -> dict[str, np.ndarray | list[int]]:
+    """ToCo / MCC training views of one image (SPEC §5, §6, §9), uint8 [S, S, 3] each:
+
+    - ``img``: rescale -> pad + crop (img_box) -> flip -> photometric. Reference quirk: the flip comes after
+      img_box is computed and the box is not flipped (``flip_box`` flips it).
+    - ``local``: the same crop, its own flip (quirk; ``share_flip`` uses the image's), jitter, grayscale, blur p 0.5.
+    - ``global2``: RandomResizedCrop(S, scale (0.4, 1)) of the original image, flip, jitter, grayscale, blur p 0.1,
+      solarise p 0.2.
+    """
+    original = img
+    crop, box = random_pad_crop(np.asarray(random_rescale(img, rng, rescale_range)), rng, crop_size)
+    base = Image.fromarray(crop)
+    flip = bool(rng.random() < 0.5)
+    if flip and flip_box:
+        box = [box[0], box[1], crop_size - box[3], crop_size - box[2]]
+    main = photometric(maybe_flip(base, flip), rng, jitter_p, gray_p, blur_p)
+    local_flip = flip if share_flip else bool(rng.random() < 0.5)
+    local = photometric(maybe_flip(base, local_flip), rng, jitter_p, gray_p, blur_p=0.5)
+    g2 = maybe_flip(random_resized_crop(original, rng, crop_size), bool(rng.random() < 0.5))
+    g2 = photometric(g2, rng, jitter_p, gray_p, blur_p=0.1)
+    if rng.random() < 0.2:
+        g2 = ImageOps.solarize(g2, threshold=128)
+    return {"img": np.asarray(main), "img_box": box, "local": np.asarray(local), "global2": np.asarray(g2)}
+
+
+def random_key_masks(rng: np.random.Generator, num_masks: int, grid: tuple[int, int], mask_prob: float = 0.95,
+                     cell: int = 4) -> np.ndarray:
+    """MCC key masks (SPEC §6): one Bernoulli(mask_prob) draw per cell x cell block of the token grid,
+    nearest-upsampled to the grid. Returns ``keep`` [num_masks, h*w] bool, True = visible."""
+    h, w = grid
+    ch, cw = max(1, h // cell), max(1, w // cell)
+    masked = rng.random((num_masks, ch, cw)) < mask_prob
+    rows = np.minimum(np.arange(h) * ch // h, ch - 1)  # nearest: cell of each token row / column
+    cols = np.minimum(np.arange(w) * cw // w, cw - 1)
+    return ~masked[:, rows][:, :, cols].reshape(num_masks, h * w)

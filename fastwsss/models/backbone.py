@@ -163,3 +163,44 @@ def load_pretrained(vit: nn.Module, path: str | Path, strict: bool = True) -> Lo
     vit.load_state_dict(to_load, strict=False)
     (log.warning if report.missing or report.unexpected else log.info)("%s", report)
     return report
+
+
+def _run_blocks(vit: nn.Module, t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """All blocks with a key mask [V, 1+L] (True = visible) applied to the attention of every block; returns the
+    final-norm class token [V, D]. A masked key gets weight exactly 0 (-inf, or the reference's -1e12: exp
+    underflows to 0 either way), and the class token is always a visible key, so no row is empty."""
+    mask = None if keep is None else keep[:, None, None, :]  # [V, 1, 1, 1+L], broadcast over heads and queries
+    for blk in vit.blocks:
+        t = blk(t, attn_mask=mask)
+    return vit.norm(t)[:, 0]
+
+
+def masked_class_tokens(vit: nn.Module, x: torch.Tensor, key_keep: torch.Tensor) -> torch.Tensor:
+    """Reference MCC local forward: images [B, 3, H, W] with M key masks [B, M, N] (True = visible) ->
+    class tokens [B, M, D]. Each image is replicated M times and run over all N patches with masked keys."""
+    B, M, N = key_keep.shape
+    t, grid = embed_tokens(vit, x.repeat_interleave(M, dim=0))  # [B*M, 1+N, D]
+    if grid[0] * grid[1] != N:
+        raise ValueError(f"key_keep has {N} tokens per mask, the images give a {grid[0]}x{grid[1]} grid")
+    keep = torch.cat([key_keep.new_ones(B * M, 1), key_keep.reshape(B * M, N)], dim=1)
+    return _run_blocks(vit, t, keep).reshape(B, M, -1)
+
+
+def dropped_class_tokens(vit: nn.Module, x: torch.Tensor, key_keep: torch.Tensor) -> torch.Tensor:
+    """Exact fast path of :func:`masked_class_tokens`: masked keys weigh 0 in every layer and everything else is
+    per token, so the class token only depends on (class token + visible tokens). Each image is embedded once;
+    each view keeps its visible tokens (with their position embeddings), padded to the step's largest view."""
+    B, M, N = key_keep.shape
+    t, grid = embed_tokens(vit, x)  # [B, 1+N, D]
+    if grid[0] * grid[1] != N:
+        raise ValueError(f"key_keep has {N} tokens per mask, the images give a {grid[0]}x{grid[1]} grid")
+    counts = key_keep.sum(-1)  # [B, M]
+    L = int(counts.max())  # one host sync per step
+    order = torch.argsort((~key_keep).to(torch.int8), dim=-1, stable=True)[..., :L]  # visible indices first
+    patches = torch.gather(t[:, 1:].unsqueeze(1).expand(B, M, N, t.shape[-1]), 2,
+                           order.unsqueeze(-1).expand(B, M, L, t.shape[-1]))  # [B, M, L, D]
+    cls = t[:, :1].unsqueeze(1).expand(B, M, 1, t.shape[-1])
+    seq = torch.cat([cls, patches], dim=2).reshape(B * M, 1 + L, -1)
+    valid = torch.arange(L, device=x.device) < counts.reshape(B * M, 1)  # padding is masked like hidden keys
+    keep = torch.cat([valid.new_ones(B * M, 1), valid], dim=1)
+    return _run_blocks(vit, seq, keep).reshape(B, M, -1)

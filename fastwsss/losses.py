@@ -1,0 +1,101 @@
+"""Loss terms of ToCo and MCC (SPEC §7). Each returns a scalar; weighting and scheduling live in the loop."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX
+
+
+def contrast_loss(teacher: torch.Tensor, student: torch.Tensor, flags: torch.Tensor, temperature: float = 0.5,
+                  extra_term: bool = True) -> torch.Tensor:
+    """ToCo CTC / MCC InfoNCE (identical code), SPEC §7.4, in log space so raw dot products cannot overflow.
+
+    teacher [B, A, E] (A = 2 global views), student [B, V, E] (V = 2 globals + locals), flags [B, V] (1 = positive;
+    the globals are always positive). With z = t_a . s_j / tau and n_a = sum over negatives of exp(z):
+    L_i = [sum_a sum_{j in P} -log(e^z / (e^z + n_a + 1e-4)) + sum_a log(1 + n_a + 1e-4)] / (2 (|P| + 1e-4)).
+    ``extra_term`` is the reference's always-run ``for ... else`` term (faithful default; False drops it).
+    """
+    z = torch.einsum("bae,bve->bav", teacher.float(), student.float()) / temperature  # [B, A, V]
+    pos = flags.bool()[:, None, :].expand_as(z)
+    log_neg = torch.logsumexp(z.masked_fill(pos, -math.inf), dim=-1, keepdim=True)  # log n_a, -inf if none
+    log_eps = torch.full_like(log_neg, math.log(1e-4))
+    denom = torch.logsumexp(torch.stack([z, log_neg.expand_as(z), log_eps.expand_as(z)]), dim=0)
+    per_pair = (denom - z).masked_fill(~pos, 0.0)  # -log(l / (l + n + eps)) on positive pairs
+    total = per_pair.sum(dim=(1, 2))
+    if extra_term:
+        total = total + torch.logaddexp(log_neg, torch.full_like(log_neg, math.log1p(1e-4))).sum(dim=(1, 2))
+    num_pos = flags.float().sum(-1)
+    return (total / (teacher.shape[1] * (num_pos + 1e-4))).mean()
+
+
+def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """0.5 * (CE over foreground pixels + CE over background pixels), SPEC §7.5. An empty half contributes
+    nothing (the reference gives NaN there and poisons the step)."""
+    halves = []
+    for keep in (label > 0, label == 0):
+        target = torch.where(keep & (label != ignore_index), label, ignore_index)
+        if (target != ignore_index).any():
+            halves.append(F.cross_entropy(logits.float(), target, ignore_index=ignore_index))
+        else:
+            halves.append(logits.sum() * 0.0)  # keeps the graph, contributes nothing
+    return 0.5 * (halves[0] + halves[1])
+
+
+def bilateral_features(images: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> torch.Tensor:
+    """Images [B, 3, H, W] in 0..255 -> lattice features [B, 5, H, W] = (x/σ_xy, y/σ_xy, r/σ_rgb, g/σ_rgb, b/σ_rgb),
+    x the column: densecrf's order (the lattice is not symmetric in its feature order)."""
+    B, _, H, W = images.shape
+    ys, xs = torch.meshgrid(torch.arange(H, device=images.device, dtype=torch.float32),
+                            torch.arange(W, device=images.device, dtype=torch.float32), indexing="ij")
+    pos = torch.stack([xs, ys]).expand(B, 2, H, W) / sigma_xy
+    return torch.cat([pos, images.float() / sigma_rgb], dim=1)
+
+
+class _GatedCRFLoss(torch.autograd.Function):
+    """-Σ S·AS / B with AS = gate ⊙ K(S), S = P ⊙ ROI (K the lattice filter, gate a constant); backward as the
+    reference: dL/dP = -2 AS / B ⊙ ROI, or the exact -(gate·K(S) + K(gate·S)) / B ⊙ ROI."""
+
+    @staticmethod
+    def forward(ctx, probs, features, roi, gate, exact_grad):
+        from fastwsss.kernels import PermutohedralLattice
+
+        lattice = PermutohedralLattice(features)
+        seg = probs * roi
+        AS = gate * lattice.filter(seg)
+        ctx.save_for_backward(roi, gate, AS, seg if exact_grad else None)
+        ctx.lattice, ctx.exact_grad = (lattice if exact_grad else None), exact_grad
+        return -(seg * AS).sum() / probs.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        roi, gate, AS, seg = ctx.saved_tensors
+        B = roi.shape[0]
+        if ctx.exact_grad:
+            g = -(AS + ctx.lattice.filter(gate * seg, reverse=True)) / B * roi
+        else:
+            g = -2.0 * AS / B * roi
+        return grad * g, None, None, None, None
+
+
+def reg_loss(seg_logits: torch.Tensor, images: torch.Tensor, img_box: torch.Tensor, seg_label: torch.Tensor, *,
+             sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale: float = 0.5, exact_grad: bool = False
+             ) -> torch.Tensor:
+    """Gated dense-CRF regularisation (SPEC §7.6). ``seg_logits`` [B, C, H, W] at image size, ``images`` [B, 3, H, W]
+    in 0..255, ``img_box`` [B, 4], ``seg_label`` [B, H, W] (255 = ignore). Everything is scaled by ``scale`` (image,
+    ROI and label nearest, probabilities bilinear); σ_xy is scaled with it."""
+    B, C, H, W = seg_logits.shape
+    size = (int(H * scale), int(W * scale))
+    probs = F.interpolate(seg_logits.float().softmax(1), size=size, mode="bilinear", align_corners=False)
+    roi = torch.zeros(B, 1, H, W, device=seg_logits.device)
+    for i, (h0, h1, w0, w1) in enumerate(img_box.tolist()):
+        roi[i, :, h0:h1, w0:w1] = 1.0
+    roi = F.interpolate(roi, size=size, mode="nearest")  # [B, 1, h, w]
+    label = F.interpolate(seg_label[:, None].float(), size=size, mode="nearest")
+    img = F.interpolate(images.float(), size=size, mode="nearest")
+    gate = (roi - probs.amax(1, keepdim=True)).masked_fill(label == IGNORE_INDEX, 1.0).clamp_min(0.0)
+    features = bilateral_features(img, sigma_rgb, sigma_xy * scale)
+    return 1e-7 * _GatedCRFLoss.apply(probs, features, roi, gate.detach(), exact_grad)

@@ -1,0 +1,88 @@
+"""Pseudo labels from CAMs (SPEC §4): the PAR-refined segmentation label and the token affinity label."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .cams import cam_to_label, ignore_outside_box
+from .data import IGNORE_INDEX
+from .data.transforms import denormalize
+
+
+def refine_seg_label(
+    cams: torch.Tensor,
+    cls_label: torch.Tensor,
+    images: torch.Tensor,
+    img_box: torch.Tensor | None,
+    *,
+    high_thresh: float = 0.7,
+    low_thresh: float = 0.25,
+    down_scale: int = 2,
+    par_backend: str = "auto",
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """CAMs [B, C-1, H, W] in [0, 1] -> segmentation label [B, H, W] (SPEC §4.2).
+
+    For each background constant (high, low): channels [background, cls-masked CAM] at 1/down_scale size, softmax
+    over background + present classes, PAR on the (quantised) image, upsampled, argmax. Absent classes get
+    probability 0, which is exactly the reference's per-image channel selection, so the batch is refined at
+    once; both channel sets go through one PAR call, sharing the image affinity (exact: PAR is per channel).
+    Fusion: high's label, its background -> ignore, background where both say background; outside img_box ignore.
+    """
+    from fastwsss.kernels import par
+
+    B, _, H, W = cams.shape
+    size = (H // down_scale, W // down_scale)
+    img = denormalize(images.float()).clamp(0, 255).to(torch.uint8).float() / 255.0  # the reference's uint8 image
+    img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
+    present = torch.cat([cls_label.new_ones(B, 1), cls_label], dim=1).bool()[:, :, None, None]  # [B, C, 1, 1]
+    valid_cam = cls_label[:, :, None, None].to(cams.dtype) * cams
+    probs = []
+    for bkg in (high_thresh, low_thresh):
+        chans = torch.cat([torch.full_like(valid_cam[:, :1], bkg), valid_cam], dim=1)
+        chans = F.interpolate(chans, size=size, mode="bilinear", align_corners=False)
+        probs.append(chans.masked_fill(~present, -math.inf).softmax(dim=1))
+    refined = par(img, torch.cat(probs, dim=1), backend=par_backend)
+    refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
+    C = present.shape[1]
+    label_high, label_low = (r.masked_fill(~present, -math.inf).argmax(dim=1) for r in refined.split(C, dim=1))
+    label = label_high.clone()
+    label[label_high == 0] = ignore_index
+    label[(label_high + label_low) == 0] = 0
+    if img_box is not None:
+        label = ignore_outside_box(label, img_box, ignore_index)
+    return label
+
+
+def scale_box(img_box: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """[B, 4] box in image pixels -> the grid cells it touches (the fix of the img_box quirk)."""
+    (H, W), (h, w) = image_size, grid
+    h0, h1, w0, w1 = img_box.unbind(-1)
+    return torch.stack([h0 * h // H, (h1 * h + H - 1) // H, w0 * w // W, (w1 * w + W - 1) // W], dim=-1)
+
+
+def affinity_label(
+    cams_aux: torch.Tensor,
+    cls_label: torch.Tensor,
+    img_box: torch.Tensor | None,
+    grid: tuple[int, int],
+    *,
+    high_thresh: float = 0.7,
+    low_thresh: float = 0.25,
+    scale_box_to_grid: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Aux CAMs [B, C-1, H, W] -> token labels [B, h*w] in {0..C-1, ignore} (SPEC §4.3).
+
+    Faithful default: ``img_box`` (image pixels) is applied to the token grid as is (the reference quirk, which
+    drops affinity supervision on padded crops); ``scale_box_to_grid`` maps it onto the grid instead.
+    """
+    cam = F.interpolate(cams_aux, size=grid, mode="bilinear", align_corners=False)
+    if img_box is not None and scale_box_to_grid:
+        img_box = scale_box(img_box, cams_aux.shape[-2:], grid)
+    label = cam_to_label(cam, cls_label, img_box, ignore_mid=True, high_thresh=high_thresh, low_thresh=low_thresh,
+                         ignore_index=ignore_index)
+    return label.flatten(1)

@@ -1,0 +1,38 @@
+"""Token affinity loss: ToCo's patch token contrast (PTC) and MCC's affinity loss, the exact PyTorch reference.
+
+It builds the [B, N, N] similarity and pair masks: clear, and the oracle for a fused kernel that never does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pair_masks(labels: Tensor, ignore_index: int = 255) -> tuple[Tensor, Tensor]:
+    """labels [B, N] -> (positive, negative) bool [B, N, N]; pairs never cross images, never i = j, never ignored."""
+    n = labels.shape[1]
+    valid = labels != ignore_index
+    pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=labels.device)
+    same = labels[:, :, None] == labels[:, None, :]
+    return pair & same, pair & ~same
+
+
+def token_affinity_loss_reference(feats: Tensor, labels: Tensor, absolute: bool = True,
+                                  ignore_index: int = 255) -> Tensor:
+    """feats [B, N, D], labels [B, N] (int) -> scalar in the feats' dtype.
+
+    L = 0.5·(1 − Σ_P s / (|P| + 1)) + 0.5·Σ_Nn s / (|Nn| + 1), with s_ij = |x̂_i · x̂_j| (plain cosine if not
+    `absolute`), x̂ = F.normalize(feats, eps=1e-8), and P / Nn the positive / negative ordered pairs of the batch.
+    """
+    ct = torch.promote_types(feats.dtype, torch.float32)
+    x = F.normalize(feats.to(ct), p=2, dim=-1, eps=1e-8)
+    sim = x @ x.transpose(1, 2)
+    if absolute:
+        sim = sim.abs()
+    pos, neg = pair_masks(labels, ignore_index)
+    zero = sim.new_zeros(())
+    pos_term = torch.where(pos, sim, zero).sum() / (pos.sum() + 1)
+    neg_term = torch.where(neg, sim, zero).sum() / (neg.sum() + 1)
+    return (0.5 * (1 - pos_term) + 0.5 * neg_term).to(feats.dtype)

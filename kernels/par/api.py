@@ -1,0 +1,84 @@
+"""Public PAR ops: validate, pick the backend, run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from .._backend import resolve_backend
+from .reference import DEFAULT_DILATIONS, par_affinity_reference, par_propagate_reference, par_reference
+
+_NO_KERNEL = "no Triton kernel for {} yet"
+
+
+def _check_dilations(op: str, dilations: Sequence[int]) -> None:
+    if len(dilations) == 0 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations):
+        raise ValueError(f"{op}: dilations must be a non-empty sequence of positive ints, got {dilations!r}")
+
+
+def _check_4d(op: str, name: str, x: Tensor) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{op}: {name} must be [B, C, h, w], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
+
+
+def _check_num_iter(op: str, num_iter: int) -> None:
+    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 0:
+        raise ValueError(f"{op}: num_iter must be an int >= 0, got {num_iter!r}")
+
+
+def par_affinity(images: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS, w1: float = 0.3, w2: float = 0.01,
+                 backend: str = "auto") -> Tensor:
+    """Pixel-adaptive affinity of an image to its 8·len(dilations) dilated neighbours.
+
+    images [B, 3, h, w] in [0, 1] -> A [B, 8·len(dilations), h, w] in the images' dtype; A >= 0 and sums to 1 + w2
+    over its channels at every pixel. It depends on the image only: compute it once, then `par_propagate` any number
+    of mask sets with it.
+    """
+    op = "par_affinity"
+    _check_4d(op, "images", images)
+    _check_dilations(op, dilations)
+    resolve_backend(backend, op, [_NO_KERNEL.format(op)])
+    return par_affinity_reference(images, dilations, w1, w2)
+
+
+def par_propagate(affinity: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS,
+                  num_iter: int = 10, backend: str = "auto") -> Tensor:
+    """num_iter rounds of masks <- Σ_k A_k · neighbour_k(masks), neighbours read with replicate padding.
+
+    affinity [B, 8·len(dilations), h, w] from `par_affinity` (same dilations), masks [B, K, h', w'] (resized
+    bilinearly, align_corners=True, to (h, w) when h', w' differ) -> [B, K, h, w] in the masks' dtype. Linear in
+    masks and channel-wise: channels never mix.
+    """
+    op = "par_propagate"
+    _check_4d(op, "affinity", affinity)
+    _check_4d(op, "masks", masks)
+    _check_dilations(op, dilations)
+    _check_num_iter(op, num_iter)
+    if affinity.shape[1] != 8 * len(dilations):
+        raise ValueError(f"{op}: affinity has {affinity.shape[1]} channels, dilations {tuple(dilations)} need "
+                         f"{8 * len(dilations)}")
+    if masks.shape[0] != affinity.shape[0]:
+        raise ValueError(f"{op}: batch sizes differ: affinity {affinity.shape[0]}, masks {masks.shape[0]}")
+    resolve_backend(backend, op, [_NO_KERNEL.format(op)])
+    return par_propagate_reference(affinity, masks, dilations, num_iter)
+
+
+def par(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS, num_iter: int = 10,
+        w1: float = 0.3, w2: float = 0.01, backend: str = "auto") -> Tensor:
+    """Pixel-adaptive refinement (AFA, CVPR 2022) of masks (CAMs) by the image, as in ToCo / MCC.
+
+    images [B, 3, h, w] in [0, 1], masks [B, K, h', w'] -> refined masks [B, K, h, w] in the masks' dtype.
+    Equals `par_propagate(par_affinity(images), masks)`, without rounding the affinity to the input dtype.
+    """
+    op = "par"
+    _check_4d(op, "images", images)
+    _check_4d(op, "masks", masks)
+    _check_dilations(op, dilations)
+    _check_num_iter(op, num_iter)
+    if masks.shape[0] != images.shape[0]:
+        raise ValueError(f"{op}: batch sizes differ: images {images.shape[0]}, masks {masks.shape[0]}")
+    resolve_backend(backend, op, [_NO_KERNEL.format(op)])
+    return par_reference(images, masks, dilations, num_iter, w1, w2)

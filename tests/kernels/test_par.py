@@ -1,0 +1,207 @@
+"""PAR reference: the definition checked against a per-pixel Python loop and a transcription of the original
+(ToCo's materialising module), plus the properties callers rely on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    from fastwsss.kernels.par import DEFAULT_DILATIONS, par, par_affinity, par_propagate
+except ModuleNotFoundError:  # not installed: run from the repository root
+    from kernels.par import DEFAULT_DILATIONS, par, par_affinity, par_propagate
+
+
+def naive_par(image: list, masks: list, dilations, num_iter: int, w1: float = 0.3, w2: float = 0.01):
+    """The definition, pixel by pixel in Python floats. image [C][h][w], masks [K][h][w] -> (A [h][w][n], masks)."""
+    c_, h, w = len(image), len(image[0]), len(image[0][0])
+    offs = [(sy * d, sx * d) for d in dilations for sy in (-1, 0, 1) for sx in (-1, 0, 1) if (sy, sx) != (0, 0)]
+    n = len(offs)
+
+    def at(a, y, x):
+        return a[min(max(y, 0), h - 1)][min(max(x, 0), w - 1)]
+
+    def std(v):
+        m = sum(v) / len(v)
+        return math.sqrt(sum((u - m) ** 2 for u in v) / (len(v) - 1))
+
+    def softmax(v):
+        e = [math.exp(u - max(v)) for u in v]
+        return [u / sum(e) for u in e]
+
+    dist = [math.sqrt(oy * oy + ox * ox) for oy, ox in offs]
+    pos = softmax([-(d / (std(dist) + 1e-8) / w1) ** 2 for d in dist])
+    aff = [[None] * w for _ in range(h)]
+    for y in range(h):
+        for x in range(w):
+            kappa = [0.0] * n
+            for c in range(c_):
+                nb = [at(image[c], y + oy, x + ox) for oy, ox in offs]
+                s = std(nb)
+                for k in range(n):
+                    kappa[k] += -(abs(nb[k] - image[c][y][x]) / (s + 1e-8) / w1) ** 2 / c_
+            aff[y][x] = [a + w2 * p for a, p in zip(softmax(kappa), pos, strict=True)]
+    for _ in range(num_iter):
+        masks = [[[sum(aff[y][x][k] * at(m, y + oy, x + ox) for k, (oy, ox) in enumerate(offs)) for x in range(w)]
+                  for y in range(h)] for m in masks]
+    return aff, masks
+
+
+def original_par(imgs, masks, dilations, num_iter, w1=0.3, w2=0.01):
+    """ToCo's PAR module (which materialises every (b, c, 48, h, w) stack), transcribed."""
+    kernel = torch.zeros(8, 1, 3, 3, dtype=imgs.dtype)
+    for i, (r, c) in enumerate([(0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)]):
+        kernel[i, 0, r, c] = 1
+
+    def neighbours(x):
+        b, c, h, w = x.shape
+        out = []
+        for d in dilations:
+            xp = F.pad(x, [d] * 4, mode="replicate").reshape(b * c, -1, h + 2 * d, w + 2 * d)
+            out.append(F.conv2d(xp, kernel, dilation=d).view(b, c, -1, h, w))
+        return torch.cat(out, dim=2)
+
+    ker = torch.ones(1, 1, 8, 1, 1, dtype=imgs.dtype)
+    ker[0, 0, [0, 2, 5, 7]] = math.sqrt(2)
+    pos = torch.cat([ker * d for d in dilations], dim=2)
+    masks = F.interpolate(masks, size=imgs.shape[-2:], mode="bilinear", align_corners=True)
+    b, c, h, w = imgs.shape
+    _imgs = neighbours(imgs)
+    _imgs_rep = imgs.unsqueeze(2).repeat(1, 1, _imgs.shape[2], 1, 1)
+    _pos_rep = pos.repeat(b, 1, 1, h, w)
+    aff = -((_imgs - _imgs_rep).abs() / (_imgs.std(dim=2, keepdim=True) + 1e-8) / w1) ** 2
+    aff = aff.mean(dim=1, keepdim=True)
+    pos_aff = -(_pos_rep / (_pos_rep.std(dim=2, keepdim=True) + 1e-8) / w1) ** 2
+    aff = F.softmax(aff, dim=2) + w2 * F.softmax(pos_aff, dim=2)
+    for _ in range(num_iter):
+        masks = (neighbours(masks) * aff).sum(2)
+    return masks
+
+
+def rand(*shape, dtype=torch.float64, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("w2", [0.01, 0.05])
+def test_affinity_is_nonnegative_and_sums_to_one_plus_w2(w2):
+    aff = par_affinity(rand(2, 3, 17, 23, dtype=torch.float32), w2=w2)
+    assert aff.shape == (2, 8 * len(DEFAULT_DILATIONS), 17, 23) and aff.dtype == torch.float32
+    assert (aff >= 0).all()
+    torch.testing.assert_close(aff.sum(1), torch.full((2, 17, 23), 1 + w2), rtol=0, atol=1e-6)
+
+
+def test_matches_a_per_pixel_loop_including_the_border():
+    """5x6 image, dilations (1, 2): every pixel is within 2 of a border, so clamping is exercised everywhere."""
+    image, masks = rand(1, 3, 5, 6, seed=1), rand(1, 2, 5, 6, seed=2)
+    want_aff, want = naive_par(image[0].tolist(), masks[0].tolist(), (1, 2), num_iter=2)
+    aff = par_affinity(image, dilations=(1, 2))
+    torch.testing.assert_close(aff[0].permute(1, 2, 0), torch.tensor(want_aff, dtype=torch.float64), rtol=0, atol=1e-12)
+    got = par(image, masks, dilations=(1, 2), num_iter=2)
+    torch.testing.assert_close(got[0], torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_matches_the_original_module():
+    """Default dilations (24 > the 19x27 image: all-clamped neighbours), low-res masks, 10 iterations."""
+    images, masks = rand(2, 3, 19, 27, seed=3), rand(2, 3, 5, 7, seed=4)
+    want = original_par(images, masks, DEFAULT_DILATIONS, num_iter=10)
+    torch.testing.assert_close(par(images, masks), want, rtol=0, atol=1e-12)
+    want32 = original_par(images.float(), masks.float(), DEFAULT_DILATIONS, num_iter=10)
+    torch.testing.assert_close(par(images.float(), masks.float()), want32, rtol=1e-5, atol=1e-6)
+
+
+def test_constant_image_hits_the_eps_guard_without_nan():
+    """σ_I = 0 -> κ_I = 0 for every neighbour: uniform 1/48 image term. A constant mask c becomes c·1.01^iter."""
+    images = torch.full((1, 3, 6, 7), 0.4, dtype=torch.float64)
+    aff = par_affinity(images)
+    dist = torch.tensor([d * (math.sqrt(2) if k in (0, 2, 5, 7) else 1.0) for d in DEFAULT_DILATIONS for k in range(8)],
+                        dtype=torch.float64)
+    pos = torch.softmax(-(dist / (dist.std() + 1e-8) / 0.3) ** 2, dim=0)
+    torch.testing.assert_close(aff[0], (1 / 48 + 0.01 * pos).view(48, 1, 1).expand(48, 6, 7), rtol=0, atol=1e-15)
+    out = par(images, torch.full((1, 2, 6, 7), 2.0, dtype=torch.float64), num_iter=3)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.full_like(out, 2.0 * 1.01**3), rtol=1e-14, atol=0)
+
+
+def test_single_channel_and_zero_iterations():
+    images, masks = rand(1, 3, 9, 10), rand(1, 1, 9, 10, seed=5)
+    out = par(images, masks, num_iter=4)
+    assert out.shape == (1, 1, 9, 10)
+    torch.testing.assert_close(out, par(images, masks.expand(1, 3, 9, 10), num_iter=4)[:, :1], rtol=0, atol=0)
+    torch.testing.assert_close(par(images, masks, num_iter=0), masks, rtol=0, atol=0)
+
+
+def test_low_resolution_masks_are_upsampled_with_align_corners():
+    images, low = rand(2, 3, 16, 20), rand(2, 4, 4, 5, seed=6)
+    out = par(images, low, num_iter=3)
+    assert out.shape == (2, 4, 16, 20)
+    up = F.interpolate(low, size=(16, 20), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(out, par(images, up, num_iter=3), rtol=0, atol=0)
+    corners = (..., [[0], [-1]], [0, -1])  # align_corners=True keeps the corner values
+    torch.testing.assert_close(par(images, low, num_iter=0)[corners], low[corners], rtol=0, atol=1e-15)
+    half = F.interpolate(low, size=(16, 20), mode="bilinear", align_corners=False)
+    assert (out - par(images, half, num_iter=3)).abs().max() > 1e-3
+    torch.testing.assert_close(out, par_propagate(par_affinity(images), low, num_iter=3), rtol=0, atol=1e-15)
+
+
+def test_batched_equals_per_image():
+    images, masks = rand(3, 3, 11, 13), rand(3, 2, 11, 13, seed=7)
+    out = par(images, masks, num_iter=5)
+    for i in range(3):
+        torch.testing.assert_close(out[i:i + 1], par(images[i:i + 1], masks[i:i + 1], num_iter=5), rtol=0, atol=0)
+
+
+def test_channels_are_refined_independently():
+    images, m1, m2 = rand(2, 3, 12, 14), rand(2, 2, 12, 14, seed=8), rand(2, 3, 12, 14, seed=9)
+    both = par(images, torch.cat([m1, m2], dim=1))
+    torch.testing.assert_close(both[:, :2], par(images, m1), rtol=0, atol=1e-15)
+    torch.testing.assert_close(both[:, 2:], par(images, m2), rtol=0, atol=1e-15)
+    zeroed = par(images, torch.cat([m1[:, :1], torch.zeros_like(m1[:, 1:])], dim=1))
+    assert (zeroed[:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_in_same_dtype_out(dtype):
+    images, masks = rand(1, 3, 14, 15, dtype=dtype), rand(1, 3, 7, 8, dtype=dtype, seed=10)
+    out = par(images, masks)
+    assert out.dtype == dtype and par_affinity(images).dtype == dtype
+    assert par_propagate(par_affinity(images), masks).dtype == dtype
+    want = par(images.float(), masks.float())  # same rounded inputs, computed in fp32: only the output rounding differs
+    torch.testing.assert_close(out.float(), want.to(dtype).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op, args", [
+    (par, lambda: (rand(1, 3, 4, 4), rand(1, 1, 4, 4))),
+    (par_affinity, lambda: (rand(1, 3, 4, 4),)),
+    (par_propagate, lambda: (rand(1, 48, 4, 4), rand(1, 1, 4, 4))),
+])
+def test_backend_dispatch(op, args):
+    torch.testing.assert_close(op(*args(), backend="torch"), op(*args(), backend="auto"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"no Triton kernel for {op.__name__} yet"):
+        op(*args(), backend="triton")
+    with pytest.raises(ValueError, match="backend='cuda' is not one of"):
+        op(*args(), backend="cuda")
+
+
+def test_bad_inputs_fail_clearly():
+    with pytest.raises(ValueError, match="affinity has 48 channels"):
+        par_propagate(rand(1, 48, 4, 4), rand(1, 1, 4, 4), dilations=(1, 2))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        par(rand(2, 3, 4, 4), rand(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="must be \\[B, C, h, w\\]"):
+        par(rand(3, 4, 4), rand(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="dilations"):
+        par(rand(1, 3, 4, 4), rand(1, 1, 4, 4), dilations=())
+    with pytest.raises(ValueError, match="num_iter"):
+        par(rand(1, 3, 4, 4), rand(1, 1, 4, 4), num_iter=-1)
+
+
+def test_gradcheck_float64():
+    images = rand(1, 3, 4, 5, seed=11).requires_grad_()
+    masks = rand(1, 2, 3, 3, seed=12).requires_grad_()  # low-res: the gradient goes through the upsampling too
+    assert torch.autograd.gradcheck(lambda m: par(images.detach(), m, dilations=(1, 2), num_iter=2), (masks,))
+    # the image path (std, softmax) is costlier to check element by element: a random projection suffices
+    assert torch.autograd.gradcheck(lambda i: par(i, masks.detach(), dilations=(1, 2), num_iter=2), (images,),
+                                    fast_mode=True)
