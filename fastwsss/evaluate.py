@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .cams import cam_to_label, multiscale_cams
@@ -85,25 +86,43 @@ def trivial_baselines(dataset: EvalDataset, prior: np.ndarray) -> dict[str, Conf
     return out
 
 
+EVAL_MODES = ("cam", "aux-cam", "seg", "pseudo")
+
+
 @torch.no_grad()
-def evaluate_cams(
+def evaluate_model(
     model: torch.nn.Module,
     dataset: EvalDataset,
     *,
     scales: tuple[float, ...],
     bkg_thresh: float,
+    modes: tuple[str, ...] = ("cam", "aux-cam"),
+    high_thresh: float = 0.7,
+    low_thresh: float = 0.25,
     device: torch.device,
     autocast: Callable[[], object] = nullcontext,
     num_vis: int = 0,
     vis_path: str | Path | None = None,
     num_workers: int = 0,
     batch_size: int = 1,
+    par_backend: str = "auto",
 ) -> dict[str, ConfusionMatrix]:
-    """Multi-scale CAM and aux-CAM labels (ground-truth image labels, background threshold) over the split,
-    streamed into confusion matrices; a PNG grid of the first ``num_vis`` images if ``vis_path``.
-    ``batch_size`` > 1 needs images of one size (e.g. the synthetic data)."""
+    """Stream the split into one confusion matrix per mode:
+
+    - ``cam`` / ``aux-cam``: multi-scale CAM -> label with the ground-truth image labels and the background threshold;
+    - ``seg``: single-scale decoder prediction upsampled to the image;
+    - ``pseudo``: the PAR-refined training label made from the multi-scale CAM (SPEC §4.2), uncertain pixels
+      counted as background.
+
+    A PNG grid of the first ``num_vis`` images goes to ``vis_path``. ``batch_size`` > 1 needs images of one size.
+    """
+    from .pseudo import refine_seg_label
+
+    unknown = set(modes) - set(EVAL_MODES)
+    if unknown:
+        raise ValueError(f"unknown evaluation modes {sorted(unknown)}; choose from {EVAL_MODES}")
     C = dataset.items.num_classes
-    results = {"cam": ConfusionMatrix(C), "aux-cam": ConfusionMatrix(C)}
+    results = {m: ConfusionMatrix(C) for m in modes}
     rows = []
     was_training = model.training
     model.eval()
@@ -112,16 +131,26 @@ def evaluate_cams(
         x, cls_label = s["img"].to(device), s["cls_label"].to(device)
         with autocast():
             cams, cams_aux = multiscale_cams(model, x, scales)
+            seg = model(x).seg_logits if "seg" in modes else None
         labels = {}
         for key, c in (("cam", cams), ("aux-cam", cams_aux)):
             labels[key] = cam_to_label(c.float(), cls_label, bkg_thresh=bkg_thresh).cpu()
-            results[key].update(labels[key], s["mask"])
+        if seg is not None:
+            labels["seg"] = F.interpolate(seg.float(), size=x.shape[-2:], mode="bilinear",
+                                          align_corners=False).argmax(1).cpu()
+        if "pseudo" in modes:
+            pseudo = refine_seg_label(cams.float(), cls_label, x, None, high_thresh=high_thresh,
+                                      low_thresh=low_thresh, par_backend=par_backend)
+            labels["pseudo"] = pseudo.masked_fill(pseudo == IGNORE_INDEX, 0).cpu()
+        for m in modes:
+            results[m].update(labels[m], s["mask"])
         if vis_path is not None and len(rows) < num_vis:
             peak = (cls_label[:, :, None, None] * cams).amax(1).float().cpu().numpy()
+            shown = labels["seg"] if "seg" in labels else labels["cam"]
             for j in range(min(len(x), num_vis - len(rows))):
                 raw = s["raw"][j].numpy()
                 rows.append([raw, heatmap(peak[j], raw), colorize(labels["cam"][j].numpy()),
-                             colorize(s["mask"][j].numpy())])
+                             colorize(shown[j].numpy()), colorize(s["mask"][j].numpy())])
     model.train(was_training)
     if rows:
         save_grid(rows, vis_path)

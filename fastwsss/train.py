@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, load_config, to_yaml
 from .data import EvalDataset, ResumableSampler, TrainDataset, class_names, open_splits
-from .evaluate import class_pixel_prior, evaluate_cams, format_table, trivial_baselines
+from .evaluate import EVAL_MODES, class_pixel_prior, evaluate_model, format_table, trivial_baselines
 from .methods import compute_losses
 from .models import WSSSNet, build_model
 
@@ -85,11 +85,14 @@ class Evaluator:
 
     def __call__(self, model: WSSSNet, step: int) -> dict:
         t0 = time.time()
-        results = evaluate_cams(
-            model, self.dataset, scales=tuple(self.cfg.cam.scales), bkg_thresh=self.cfg.cam.bkg_thresh,
-            device=self.device, autocast=self.autocast, num_vis=self.cfg.eval.num_vis,
-            vis_path=self.run_dir / "vis" / f"cam_{step:06d}.png", num_workers=min(self.cfg.data.num_workers, 2),
-            batch_size=self.cfg.eval.batch_size,
+        c = self.cfg.cam
+        modes = ("cam", "aux-cam") if self.cfg.train.method == "cam" else EVAL_MODES
+        results = evaluate_model(
+            model, self.dataset, scales=tuple(c.scales), bkg_thresh=c.bkg_thresh, modes=modes,
+            high_thresh=c.high_thresh, low_thresh=c.low_thresh, device=self.device, autocast=self.autocast,
+            num_vis=self.cfg.eval.num_vis, vis_path=self.run_dir / "vis" / f"val_{step:06d}.png",
+            num_workers=min(self.cfg.data.num_workers, 2), batch_size=self.cfg.eval.batch_size,
+            par_backend=self.cfg.kernels.backend,
         )
         columns = {**results, **self.baselines}
         tqdm.write(f"\n[eval @ {step}] {len(self.dataset)} val images, {time.time() - t0:.1f} s; IoU %:\n"

@@ -13,7 +13,7 @@ def test_training_run_writes_a_complete_run_directory(tiny_config, tmp_path, cap
     result = train(cfg)
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file() and (run / "train.log").is_file() and (run / "results.json").is_file()
-    assert (run / "vis" / "cam_000004.png").is_file()
+    assert (run / "vis" / "val_000004.png").is_file()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "step" in x and "cls" in x]
     assert [x["step"] for x in steps] == [2, 4] and all(math.isfinite(x["cls"]) for x in steps)
@@ -49,7 +49,9 @@ METHOD_OVERRIDES = ["loss.seg_start=0", "loss.reg_start=0", "contrast.toco_crop_
 
 @pytest.mark.parametrize("method", ["toco", "mcc"])
 def test_methods_train_every_term(tiny_config, tmp_path, method):
-    train(tiny_config(f"train.method={method}", "train.max_iters=2", "train.eval_interval=100", *METHOD_OVERRIDES))
+    result = train(tiny_config(f"train.method={method}", "train.max_iters=2", "train.eval_interval=100",
+                               *METHOD_OVERRIDES))
+    assert all(0 <= result[f"{m}_miou"] <= 1 for m in ("cam", "aux-cam", "seg", "pseudo"))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     record = next(x for x in lines if x.get("step") == 2)
     for term in ("cls", "cls_aux", "seg", "reg", "aff", "con"):

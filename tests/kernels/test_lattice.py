@@ -1,0 +1,366 @@
+"""kernels.lattice: the PyTorch permutohedral lattice against Krähenbühl's densecrf (pydensecrf2) and against maths."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.lattice import PermutohedralLattice, permutohedral_filter
+from kernels.lattice.reference import _scale_factors
+
+TOL = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def dcrf():
+    return pytest.importorskip("pydensecrf.densecrf")
+
+
+def _eigen():
+    from pydensecrf.eigen import matrixXf
+
+    return matrixXf
+
+
+def _step(crf, q: np.ndarray) -> np.ndarray:
+    """Zero unary, Potts compat 1: after one stepInference, tmp1 = 0 - unary - (-filter(Q)) = filter(Q)."""
+    matrixXf = _eigen()
+    Q, a, b = matrixXf(q), matrixXf(np.zeros_like(q)), matrixXf(np.zeros_like(q))
+    crf.stepInference(Q, a, b)
+    return np.array(a)
+
+
+def oracle_bilateral(dcrf, img: np.ndarray, q: np.ndarray, sxy: float, srgb: float) -> np.ndarray:
+    """densecrf's unnormalised bilateral filter of q [K, H*W] on the uint8 image img [H, W, 3]."""
+    H, W, _ = img.shape
+    K = q.shape[0]
+    crf = dcrf.DenseCRF2D(W, H, K)
+    crf.setUnaryEnergy(np.zeros((K, H * W), np.float32))
+    crf.addPairwiseBilateral(sxy=sxy, srgb=srgb, rgbim=np.ascontiguousarray(img), compat=1,
+                             kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NO_NORMALIZATION)
+    return _step(crf, np.ascontiguousarray(q, dtype=np.float32))
+
+
+def oracle_features(dcrf, feats: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """densecrf's unnormalised filter of q [K, N] with arbitrary float32 features [F, N]."""
+    K, N = q.shape
+    crf = dcrf.DenseCRF(N, K)
+    crf.setUnaryEnergy(np.zeros((K, N), np.float32))
+    crf.addPairwiseEnergy(np.ascontiguousarray(feats, dtype=np.float32), compat=1, kernel=dcrf.DIAG_KERNEL,
+                          normalization=dcrf.NO_NORMALIZATION)
+    return _step(crf, np.ascontiguousarray(q, dtype=np.float32))
+
+
+def bilateral_features(img: np.ndarray, sxy: float, srgb: float) -> torch.Tensor:
+    """densecrf's DenseCRF2D::addPairwiseBilateral features, float32: x/sxy, y/sxy, r/srgb, g/srgb, b/srgb."""
+    H, W, _ = img.shape
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32),
+                            indexing="ij")
+    rgb = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).to(torch.float32)
+    sxy32, srgb32 = torch.tensor(sxy, dtype=torch.float32), torch.tensor(srgb, dtype=torch.float32)
+    return torch.cat([(xs / sxy32)[None], (ys / sxy32)[None], rgb / srgb32])[None]  # [1, 5, H, W]
+
+
+def make_image(kind: str, H: int, W: int, seed: int) -> np.ndarray:
+    r = np.random.RandomState(seed)
+    if kind == "noise":
+        return r.randint(0, 256, (H, W, 3)).astype(np.uint8)
+    if kind == "blocks":  # piecewise constant, few levels: many exactly equal features (rank ties)
+        cells = (r.randint(0, 4, (H // 5 + 1, W // 5 + 1, 3)) * 85).astype(np.uint8)
+        return np.ascontiguousarray(cells.repeat(5, 0).repeat(5, 1)[:H, :W])
+    if kind == "gradient":
+        yy, xx = np.mgrid[:H, :W]
+        img = np.stack([xx * 255 // max(W - 1, 1), yy * 255 // max(H - 1, 1), (xx + 2 * yy) % 256], -1)
+        return img.astype(np.uint8)
+    if kind == "natural":  # smooth colour waves, a few flat objects, mild noise
+        yy, xx = np.mgrid[:H, :W] / max(H, W)
+        img = np.zeros((H, W, 3))
+        for c in range(3):
+            img[..., c] = 128 + 60 * np.sin(2 * np.pi * (xx * r.uniform(0.5, 2) + yy * r.uniform(0.5, 2))
+                                            + r.uniform(0, 6))
+        for _ in range(4):
+            cy, cx, rad = r.uniform(0.2, 0.8), r.uniform(0.2, 0.8), r.uniform(0.08, 0.2)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < rad ** 2] = r.uniform(0, 255, 3)
+        return np.clip(img + r.randn(H, W, 3) * 3, 0, 255).round().astype(np.uint8)
+    raise ValueError(kind)
+
+
+def assert_matches(ours: np.ndarray, ref: np.ndarray, tol: float = TOL, what: str = "") -> float:
+    """max |ours - ref| / max |ref| <= tol, and per element |ours - ref| / |ref| <= tol where |ref| is not tiny
+    (> 1e-3 max |ref|). Returns the max relative difference."""
+    ours = np.asarray(ours, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != oracle {ref.shape}"
+    err = np.abs(ours - ref)
+    scale = np.abs(ref).max()
+    rel_max = err.max() / scale
+    bad = err > tol * scale
+    if bad.any():
+        i = tuple(int(x) for x in np.unravel_index(np.argmax(err), err.shape))
+        pytest.fail(f"{what}: {bad.sum()} of {err.size} elements off by > {tol} * max|oracle| (max rel {rel_max:.3e}); "
+                    f"worst at {i}: ours {float(ours[i])!r}, oracle {float(ref[i])!r}")
+    big = np.abs(ref) > 1e-3 * scale
+    rel = np.where(big, err / np.where(big, np.abs(ref), 1.0), 0.0)
+    bad = rel > tol
+    if bad.any():
+        i = tuple(int(x) for x in np.unravel_index(np.argmax(rel), rel.shape))
+        pytest.fail(f"{what}: {bad.sum()} of {big.sum()} elements have relative difference > {tol} "
+                    f"(worst {rel[i]:.3e}) at {i}: ours {float(ours[i])!r}, oracle {float(ref[i])!r}")
+    return rel_max
+
+
+def _ours(img: np.ndarray, q: np.ndarray, sxy: float, srgb: float, **kw) -> np.ndarray:
+    H, W, _ = img.shape
+    K = q.shape[0]
+    lat = PermutohedralLattice(bilateral_features(img, sxy, srgb), **kw)
+    return lat.filter(torch.from_numpy(q).reshape(1, K, H, W)).reshape(K, H * W).numpy()
+
+
+# ------------------------------------------------------------------------------------------- against densecrf
+
+CASES = [  # (H, W, image, sxy, srgb, K)
+    *[(17, 23, kind, sxy, srgb, K) for kind in ("noise", "blocks", "gradient")
+      for sxy, srgb in ((50, 15), (80, 13)) for K in (1, 3)],
+    (17, 23, "noise", 3, 10, 2), (17, 23, "blocks", 1, 1, 4), (17, 23, "gradient", 2, 5, 21),
+    (64, 64, "noise", 50, 15, 21), (64, 64, "blocks", 80, 13, 5), (64, 64, "gradient", 50, 15, 3),
+    (64, 64, "natural", 80, 13, 21), (64, 64, "blocks", 5, 3, 2), (31, 45, "natural", 10, 20, 7),
+]
+
+
+@pytest.mark.parametrize("H,W,kind,sxy,srgb,K", CASES)
+def test_matches_densecrf(dcrf, H, W, kind, sxy, srgb, K):
+    img = make_image(kind, H, W, seed=H * W + K)
+    q = np.random.RandomState(K).rand(K, H * W).astype(np.float32)
+    assert_matches(_ours(img, q, sxy, srgb), oracle_bilateral(dcrf, img, q, sxy, srgb),
+                   what=f"{H}x{W} {kind} sxy={sxy} srgb={srgb} K={K}")
+
+
+@pytest.mark.parametrize("sxy,srgb", [(50, 15), (80, 13)])
+def test_matches_densecrf_224_k21(dcrf, sxy, srgb):
+    """The training loss's setting: 224x224, 21 classes, softmax-like values."""
+    img = make_image("natural", 224, 224, seed=sxy)
+    logits = np.random.RandomState(srgb).randn(21, 224 * 224).astype(np.float32) * 3
+    q = np.exp(logits - logits.max(0))
+    q = (q / q.sum(0)).astype(np.float32)
+    assert_matches(_ours(img, q, sxy, srgb), oracle_bilateral(dcrf, img, q, sxy, srgb),
+                   what=f"224x224 natural sxy={sxy} srgb={srgb} K=21")
+
+
+def test_rounding_ties_half_to_even(dcrf):
+    """Features crafted so that elevated/(d+1) lands exactly on k + 1/2: densecrf's x86 build rounds with SSE
+    cvtps2dq (round half to EVEN), not C's round (half away from zero). Getting this wrong moves whole simplices
+    (~20% error here)."""
+    d = 5
+    sf = _scale_factors(d).numpy()
+    hits = []  # (coordinate, float32 value a) with float32(a * sf[i]) == 3 * m exactly -> elevated = 3m
+    for i in range(d):
+        for target in (3.0, 9.0, -3.0, 15.0, -9.0):
+            a = np.float32(target / sf[i])
+            for _ in range(8):
+                p = np.float32(a * sf[i])
+                if p == target:
+                    hits.append((i, a))
+                    break
+                a = np.nextafter(a, np.float32(np.inf if p < target else -np.inf), dtype=np.float32)
+    assert len(hits) >= 10, hits
+    r = np.random.RandomState(0)
+    N = 64
+    feats = np.zeros((d, N), np.float32)
+    for n in range(N):
+        for _ in range(r.randint(1, 3)):
+            i, a = hits[r.randint(len(hits))]
+            feats[i, n] = a
+    # the ties really are there: 1.0f/6 * 3.0f == 0.5f exactly
+    assert np.float32(np.float32(1.0) / np.float32(6)) * np.float32(3.0) == np.float32(0.5)
+    K = 3
+    q = r.rand(K, N).astype(np.float32)
+    lat = PermutohedralLattice(torch.from_numpy(feats).reshape(1, d, 8, 8))
+    ours = lat.filter(torch.from_numpy(q).reshape(1, K, 8, 8)).reshape(K, N).numpy()
+    assert_matches(ours, oracle_features(dcrf, feats, q), what="rounding ties")
+
+
+def test_generic_features_match_densecrf(dcrf):
+    """Arbitrary (non-image) float features and d != 5: d = 2 and d = 7."""
+    r = np.random.RandomState(3)
+    for d, N in ((2, 96), (7, 60)):
+        feats = (r.randn(d, N) * 2).astype(np.float32)
+        q = r.rand(4, N).astype(np.float32)
+        ours = PermutohedralLattice(torch.from_numpy(feats).reshape(1, d, 1, N)).filter(
+            torch.from_numpy(q).reshape(1, 4, 1, N)).reshape(4, N).numpy()
+        assert_matches(ours, oracle_features(dcrf, feats, q), what=f"generic d={d}")
+
+
+def test_densecrf_block_padding(dcrf):
+    """densecrf's SSE init processes points 4 at a time and also hashes the all-zero features that pad the last
+    block (H*W = 391 here, 1 pad point): their vertices carry blurred mass. densecrf_padding=True (default)
+    reproduces that; False gives the clean lattice, visibly different here."""
+    img = make_image("noise", 17, 23, seed=0)
+    q = np.random.RandomState(0).rand(3, 17 * 23).astype(np.float32)
+    ref = oracle_bilateral(dcrf, img, q, 50, 15)
+    assert_matches(_ours(img, q, 50, 15), ref, what="padded")
+    clean = _ours(img, q, 50, 15, densecrf_padding=False)
+    assert np.abs(clean - ref).max() / np.abs(ref).max() > 1e-3
+
+
+def test_batched_equals_per_image(dcrf):
+    """B=3 images, each with its own lattice (image index in the hash key), equal one-image results & oracle."""
+    H, W, K = 17, 23, 4
+    imgs = [make_image(k, H, W, seed=s) for s, k in enumerate(("noise", "blocks", "natural"))]
+    feats = torch.cat([bilateral_features(im, 50, 15) for im in imgs])
+    q = np.random.RandomState(1).rand(3, K, H * W).astype(np.float32)
+    v = torch.from_numpy(q).reshape(3, K, H, W)
+    batched = PermutohedralLattice(feats).filter(v)
+    for b in range(3):
+        single = PermutohedralLattice(feats[b : b + 1]).filter(v[b : b + 1])
+        torch.testing.assert_close(batched[b], single[0], rtol=0, atol=1e-12)
+        assert_matches(batched[b].reshape(K, -1).numpy(), oracle_bilateral(dcrf, imgs[b], q[b], 50, 15),
+                       what=f"batch item {b}")
+
+
+# ---------------------------------------------------------------------------------------- against the maths
+
+
+def test_ones_vs_exact_gaussian_sum():
+    """The lattice's output is ~0.5-0.55x the exact sum_j exp(-|f_i - f_j|^2 / 2) on image features (see README),
+    and highly correlated with it."""
+    H = W = 64
+    img = make_image("natural", H, W, seed=7)
+    f = bilateral_features(img, 14, 15)
+    out = PermutohedralLattice(f).filter(torch.ones(1, 1, H, W, dtype=torch.float64)).reshape(-1)
+    ff = f.reshape(5, -1).T.double()
+    exact = torch.exp(-0.5 * torch.cdist(ff, ff) ** 2).sum(1)
+    ratio = (out / exact).numpy()
+    corr = np.corrcoef(out.numpy(), exact.numpy())[0, 1]
+    assert 0.4 < ratio.mean() < 0.7, ratio.mean()
+    lo, hi = np.percentile(ratio, [1, 99])
+    assert 0.3 < lo and hi < 0.75, (lo, hi)
+    assert corr > 0.99, corr
+
+
+@pytest.mark.parametrize("d,side", [(1, 400.0), (2, 40.0)])
+def test_mass_ratio_full_dimensional(d, side):
+    """For a dense, full-dimensional cloud the lattice kernel's mass relative to the unit Gaussian's (2 pi)^(d/2)
+    is (3/2)^(d/2) 2^(d+1) / (sqrt(d+1) (1 + 2^-d) (2 pi)^(d/2)) (README); 0.706 at d = 5."""
+    g = torch.Generator().manual_seed(d)
+    N = 40000
+    f = torch.rand(N, d, generator=g, dtype=torch.float64) * side
+    out = PermutohedralLattice(f.T.float().reshape(1, d, 200, 200)).filter(
+        torch.ones(1, 1, 200, 200, dtype=torch.float64)).reshape(-1)
+    inner = ((f > 5) & (f < side - 5)).all(1)
+    measured = out[inner].mean().item() / (N / side**d * (2 * math.pi) ** (d / 2))
+    predicted = 1.5 ** (d / 2) * 2 ** (d + 1) / (math.sqrt(d + 1) * (1 + 2.0**-d) * (2 * math.pi) ** (d / 2))
+    assert abs(measured / predicted - 1) < 0.02, (measured, predicted)
+
+
+# ------------------------------------------------------------------------------------------------- gradients
+
+
+def test_gradient_is_reverse_filter():
+    """filter is linear in the values; its transpose is the reverse-order blur, so d/dv sum(w * filter(v)) =
+    filter(w, reverse=True)."""
+    H, W = 17, 23
+    feats = torch.cat([bilateral_features(make_image(k, H, W, seed=3), 20, 10) for k in ("natural", "blocks")])
+    lat = PermutohedralLattice(feats)
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(2, 3, H, W, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
+    (lat.filter(v) * w).sum().backward()
+    expected = lat.filter(w, reverse=True)
+    torch.testing.assert_close(v.grad, expected, rtol=1e-10, atol=1e-12)
+    # and the forward and reverse filters differ (the blur passes do not commute exactly)
+    assert (lat.filter(w) - expected).abs().max() > 1e-8
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.rand(2, 3, 3, 4, generator=g) * 3
+    lat = PermutohedralLattice(feats)
+    v = torch.rand(2, 2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: lat.filter(x), (v,))
+    assert torch.autograd.gradgradcheck(lambda x: lat.filter(x) ** 2, (v,))
+    f2 = feats.clone().requires_grad_()
+    out = permutohedral_filter(v, f2)
+    out.sum().backward()
+    assert f2.grad is None  # features get no gradient
+
+
+# ------------------------------------------------------------------------------------------ dtypes, backends
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2), (torch.float64, 1e-6)])
+def test_dtypes(dtype, tol):
+    H, W = 17, 23
+    lat = PermutohedralLattice(bilateral_features(make_image("natural", H, W, seed=5), 30, 15))
+    v = torch.rand(1, 4, H, W, generator=torch.Generator().manual_seed(0))
+    ref = lat.filter(v)
+    out = lat.filter(v.to(dtype))
+    assert out.dtype == dtype and out.shape == v.shape
+    err = ((out.double() - ref.double()).abs().max() / ref.abs().max()).item()
+    assert err < tol, err
+
+
+def test_backends():
+    H, W = 9, 11
+    feats = bilateral_features(make_image("noise", H, W, seed=2), 5, 20)
+    v = torch.rand(1, 3, H, W)
+    ref = PermutohedralLattice(feats).filter(v)
+    torch.testing.assert_close(permutohedral_filter(v, feats, backend="torch"), ref, rtol=0, atol=0)
+    torch.testing.assert_close(permutohedral_filter(v, feats), ref, rtol=0, atol=0)  # auto -> torch
+    with pytest.raises(ValueError, match="no Triton kernel for permutohedral_filter"):
+        permutohedral_filter(v, feats, backend="triton")
+    with pytest.raises(ValueError, match="not one of"):
+        permutohedral_filter(v, feats, backend="cuda")
+
+
+def test_bad_inputs():
+    lat = PermutohedralLattice(torch.rand(2, 5, 4, 4))
+    with pytest.raises(ValueError):
+        lat.filter(torch.rand(1, 3, 4, 4))
+    with pytest.raises(ValueError):
+        lat.filter(torch.rand(2, 3, 4, 5))
+    with pytest.raises(ValueError):
+        lat.filter(torch.ones(2, 3, 4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError):
+        PermutohedralLattice(torch.rand(5, 4, 4))
+
+
+# ----------------------------------------------------------------------------------------------- internals
+
+
+def test_row_hash_fallback_and_sparse_invariants():
+    """The general (torch.unique over key rows) hash equals the int64-code hash; the CSR operators satisfy
+    torch's sparse invariants; every blur matrix is symmetric; huge key ranges take the fallback."""
+    g = torch.Generator().manual_seed(4)
+    feats = torch.rand(2, 5, 9, 11, generator=g) * 4
+    v = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64)
+    with torch.sparse.check_sparse_tensor_invariants():
+        a = PermutohedralLattice(feats)
+        b = PermutohedralLattice(feats, _force_row_hash=True)
+    assert a.num_vertices == b.num_vertices
+    torch.testing.assert_close(a.filter(v), b.filter(v), rtol=0, atol=1e-12)
+    for blur in a._blur:
+        dense = blur.to_dense()
+        assert torch.equal(dense, dense.T)
+    huge = PermutohedralLattice(feats * 5000)  # key span ~1e5 per coordinate: codes would overflow int64
+    forced = PermutohedralLattice(feats * 5000, _force_row_hash=True)
+    torch.testing.assert_close(huge.filter(v), forced.filter(v), rtol=0, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    H, W = 64, 64
+    feats = torch.cat([bilateral_features(make_image(k, H, W, seed=1), 50, 15) for k in ("natural", "blocks")])
+    v = torch.rand(2, 21, H, W)
+    cpu = PermutohedralLattice(feats).filter(v)
+    lat = PermutohedralLattice(feats.cuda())
+    gpu = lat.filter(v.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+    vv = v.cuda().double().requires_grad_()
+    lat.filter(vv).sum().backward()
+    torch.testing.assert_close(vv.grad, lat.filter(torch.ones_like(vv), reverse=True))
