@@ -1,4 +1,4 @@
-"""kernels.lattice: the PyTorch permutohedral lattice against Krähenbühl's densecrf (pydensecrf2) and against maths."""
+"""kernels.lattice: the PyTorch permutohedral lattice against Krähenbühl's densecrf (pydensecrf2) and the maths."""
 
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def assert_matches(ours: np.ndarray, ref: np.ndarray, tol: float = TOL, what: st
     bad = err > tol * scale
     if bad.any():
         i = tuple(int(x) for x in np.unravel_index(np.argmax(err), err.shape))
-        pytest.fail(f"{what}: {bad.sum()} of {err.size} elements off by > {tol} * max|oracle| (max rel {rel_max:.3e}); "
+        pytest.fail(f"{what}: {bad.sum()} of {err.size} elements off by > {tol} * max|oracle| "
+                    f"(max rel {rel_max:.3e}); "
                     f"worst at {i}: ours {float(ours[i])!r}, oracle {float(ref[i])!r}")
     big = np.abs(ref) > 1e-3 * scale
     rel = np.where(big, err / np.where(big, np.abs(ref), 1.0), 0.0)
@@ -279,11 +280,11 @@ def test_gradient_is_reverse_filter():
 
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(1)
-    feats = torch.rand(2, 3, 3, 4, generator=g) * 3
+    feats = torch.rand(2, 3, 2, 3, generator=g) * 3
     lat = PermutohedralLattice(feats)
-    v = torch.rand(2, 2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.rand(2, 1, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: lat.filter(x), (v,))
-    assert torch.autograd.gradgradcheck(lambda x: lat.filter(x) ** 2, (v,))
+    assert torch.autograd.gradgradcheck(lambda x: lat.filter(x) ** 2, (v,), fast_mode=True)
     f2 = feats.clone().requires_grad_()
     out = permutohedral_filter(v, f2)
     out.sum().backward()
