@@ -198,3 +198,61 @@ def test_contrast_views_and_flip_quirks(share_flip, flip_box):
             assert gap < 1.0
         differ += gap > 10
     assert (differ == 0) == share_flip  # independent flips disagree on some seeds
+
+
+def _reg_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, 16, 20, generator=g, dtype=torch.float64).float().requires_grad_()
+    images = torch.randint(0, 256, (2, 3, 16, 20), generator=g).float()
+    box = torch.tensor([[0, 16, 0, 20], [2, 14, 4, 20]])
+    label = torch.randint(0, 3, (2, 16, 20), generator=g)
+    label[:, :3] = 255
+    return logits, images, box, label
+
+
+def test_reg_loss_value_and_reference_gradient():
+    from fastwsss.kernels import PermutohedralLattice
+    from fastwsss.losses import bilateral_features, reg_loss
+
+    logits, images, box, label = _reg_inputs()
+    size = (8, 10)
+    probs = torch.nn.functional.interpolate(logits.softmax(1), size=size, mode="bilinear", align_corners=False)
+    probs.retain_grad()
+    roi = torch.zeros(2, 1, 16, 20)
+    roi[0] = 1
+    roi[1, :, 2:14, 4:20] = 1
+    roi = torch.nn.functional.interpolate(roi, size=size, mode="nearest")
+    lab = torch.nn.functional.interpolate(label[:, None].float(), size=size, mode="nearest")
+    gate = (roi - probs.amax(1, keepdim=True)).masked_fill(lab == 255, 1.0).clamp_min(0).detach()
+    img = torch.nn.functional.interpolate(images, size=size, mode="nearest")
+    lattice = PermutohedralLattice(bilateral_features(img, 15.0, 50.0))
+    S = probs * roi
+    AS = gate * lattice.filter(S.detach())
+    expected = -1e-7 * (S.detach() * AS).sum() / 2
+    loss = reg_loss(logits, images, box, label, sigma_rgb=15.0, sigma_xy=100.0, scale=0.5)
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-5, atol=0)
+    # the reference's gradient w.r.t. the downscaled probabilities: -2 AS / B * ROI (times the 1e-7 weight)
+    probs_ref = probs.detach().requires_grad_()
+    from fastwsss.losses import _GatedCRFLoss
+
+    (1e-7 * _GatedCRFLoss.apply(probs_ref, bilateral_features(img, 15.0, 50.0), roi, gate, False)).backward()
+    torch.testing.assert_close(probs_ref.grad, -2e-7 * AS / 2 * roi, rtol=1e-5, atol=1e-12)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_reg_loss_exact_gradient_switch():
+    from fastwsss.kernels import PermutohedralLattice
+    from fastwsss.losses import _GatedCRFLoss, bilateral_features
+
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(1, 2, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    img = torch.randint(0, 256, (1, 3, 6, 7), generator=g).double()
+    feats = bilateral_features(img, 15.0, 5.0)
+    roi = torch.ones(1, 1, 6, 7, dtype=torch.float64)
+    gate = torch.rand(1, 1, 6, 7, generator=g, dtype=torch.float64)
+    _GatedCRFLoss.apply(probs, feats, roi, gate, True).backward()
+    lattice = PermutohedralLattice(feats)
+    p2 = probs.detach().requires_grad_()
+    (-(p2 * roi * gate * lattice.filter(p2 * roi)).sum()).backward()  # gate held constant, as in the reference
+    torch.testing.assert_close(probs.grad, p2.grad, rtol=1e-6, atol=1e-9)
