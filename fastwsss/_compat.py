@@ -20,7 +20,7 @@ _LIB: torch.library.Library | None = None  # keep the schema definitions alive
 def ensure_torchvision() -> None:
     global _LIB
     try:
-        import torchvision  # noqa: F401
+        import torchvision
 
         return
     except RuntimeError as err:

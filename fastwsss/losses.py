@@ -87,7 +87,7 @@ def reg_loss(seg_logits: torch.Tensor, images: torch.Tensor, img_box: torch.Tens
     """Gated dense-CRF regularisation (SPEC §7.6). ``seg_logits`` [B, C, H, W] at image size, ``images`` [B, 3, H, W]
     in 0..255, ``img_box`` [B, 4], ``seg_label`` [B, H, W] (255 = ignore). Everything is scaled by ``scale`` (image,
     ROI and label nearest, probabilities bilinear); σ_xy is scaled with it."""
-    B, C, H, W = seg_logits.shape
+    B, _, H, W = seg_logits.shape
     size = (int(H * scale), int(W * scale))
     probs = F.interpolate(seg_logits.float().softmax(1), size=size, mode="bilinear", align_corners=False)
     roi = torch.zeros(B, 1, H, W, device=seg_logits.device)

@@ -10,10 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from fastwsss.config import load_config  # noqa: E402
-from fastwsss.data.synthetic import generate_dataset  # noqa: E402
+from fastwsss.config import load_config
+from fastwsss.data.synthetic import generate_dataset
 
 TINY_OVERRIDES = [
     # a ViT small enough for many CPU steps per second, on 48-px synthetic images

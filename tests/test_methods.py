@@ -9,8 +9,14 @@ import torch
 from fastwsss.data.transforms import contrast_sample, random_key_masks
 from fastwsss.losses import contrast_loss, seg_loss
 from fastwsss.methods import roi_map, term_weights
-from fastwsss.models import ProjectionHead, create_vit, dropped_class_tokens, ema_update, forward_features
-from fastwsss.models import masked_class_tokens
+from fastwsss.models import (
+    ProjectionHead,
+    create_vit,
+    dropped_class_tokens,
+    ema_update,
+    forward_features,
+    masked_class_tokens,
+)
 from fastwsss.pseudo import affinity_label, refine_seg_label, scale_box
 
 
@@ -212,6 +218,7 @@ def _reg_inputs(seed=0):
 
 def test_reg_loss_value_and_reference_gradient():
     from fastwsss.kernels import PermutohedralLattice
+
     from fastwsss.losses import bilateral_features, reg_loss
 
     logits, images, box, label = _reg_inputs()
@@ -243,6 +250,7 @@ def test_reg_loss_value_and_reference_gradient():
 
 def test_reg_loss_exact_gradient_switch():
     from fastwsss.kernels import PermutohedralLattice
+
     from fastwsss.losses import _GatedCRFLoss, bilateral_features
 
     g = torch.Generator().manual_seed(1)

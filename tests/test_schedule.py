@@ -10,7 +10,7 @@ def test_poly_warmup_schedule(step, expected):
 
 
 def test_schedule_is_continuous_and_decays_to_zero():
-    f = lambda s: lr_multiplier(s, max_iters=20000, warmup_iters=1500, warmup_ratio=1e-6, power=0.9)  # noqa: E731
+    f = lambda s: lr_multiplier(s, max_iters=20000, warmup_iters=1500, warmup_ratio=1e-6, power=0.9)
     assert f(1499) == pytest.approx(f(1500), rel=0.08)
     assert f(20000) == 0.0
     assert all(f(s) > f(s + 1) for s in range(1500, 19999, 997))

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from ..config import DataConfig
-from .datasets import (IGNORE_INDEX, DataError, EvalDataset, ResumableSampler, SegmentationList, TrainDataset,
-                       read_image, read_mask)
+from .datasets import (
+    IGNORE_INDEX,
+    DataError,
+    EvalDataset,
+    ResumableSampler,
+    SegmentationList,
+    TrainDataset,
+    read_image,
+    read_mask,
+)
 
 __all__ = ["IGNORE_INDEX", "DataError", "EvalDataset", "ResumableSampler", "SegmentationList", "TrainDataset",
            "class_names", "open_splits", "read_image", "read_mask"]

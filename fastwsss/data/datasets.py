@@ -216,5 +216,15 @@ class ResumableSampler(Sampler):
                 position += 1
 
 
-__all__ = ["DataError", "EvalDataset", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "ResumableSampler",
-           "SegmentationList", "TrainDataset", "read_image", "read_mask"]
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DataError",
+    "EvalDataset",
+    "ResumableSampler",
+    "SegmentationList",
+    "TrainDataset",
+    "read_image",
+    "read_mask",
+]

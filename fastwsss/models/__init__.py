@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .backbone import (LoadReport, create_vit, dropped_class_tokens, forward_features, load_pretrained,
-                       masked_class_tokens, resample_pos_embed)
-from .projector import ProjectionHead, ema_update
+from .backbone import (
+    LoadReport,
+    create_vit,
+    dropped_class_tokens,
+    forward_features,
+    load_pretrained,
+    masked_class_tokens,
+    resample_pos_embed,
+)
 from .network import LargeFOV, Outputs, WSSSNet
+from .projector import ProjectionHead, ema_update
 
 __all__ = ["LargeFOV", "LoadReport", "Outputs", "ProjectionHead", "WSSSNet", "build_model", "create_vit",
            "dropped_class_tokens", "ema_update", "forward_features", "load_pretrained", "masked_class_tokens",

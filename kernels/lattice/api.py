@@ -7,7 +7,7 @@ import torch
 from .._backend import resolve_backend
 from .reference import PermutohedralLattice
 
-__all__ = ["permutohedral_filter", "PermutohedralLattice"]
+__all__ = ["PermutohedralLattice", "permutohedral_filter"]
 
 _NO_TRITON = ["no Triton kernel for permutohedral_filter yet"]
 
