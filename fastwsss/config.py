@@ -78,6 +78,8 @@ class CamConfig:
     bkg_thresh: float = 0.5  # cam_to_label background threshold (evaluation)
     high_thresh: float = 0.7
     low_thresh: float = 0.25
+    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)  # PAR neighbourhood (pixels at half resolution)
+    par_num_iter: int = 10
 
 
 @dataclass

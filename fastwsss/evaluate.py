@@ -105,6 +105,8 @@ def evaluate_model(
     vis_path: str | Path | None = None,
     num_workers: int = 0,
     batch_size: int = 1,
+    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24),
+    par_num_iter: int = 10,
     par_backend: str = "auto",
 ) -> dict[str, ConfusionMatrix]:
     """Stream the split into one confusion matrix per mode:
@@ -140,7 +142,8 @@ def evaluate_model(
                                           align_corners=False).argmax(1).cpu()
         if "pseudo" in modes:
             pseudo = refine_seg_label(cams.float(), cls_label, x, None, high_thresh=high_thresh,
-                                      low_thresh=low_thresh, par_backend=par_backend)
+                                      low_thresh=low_thresh, par_dilations=par_dilations, par_num_iter=par_num_iter,
+                                      par_backend=par_backend)
             labels["pseudo"] = pseudo.masked_fill(pseudo == IGNORE_INDEX, 0).cpu()
         for m in modes:
             results[m].update(labels[m], s["mask"])

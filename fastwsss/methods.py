@@ -92,7 +92,9 @@ def compute_losses(model: WSSSNet, batch: dict, step: int, cfg: Config) -> dict[
     if w["seg"] or w["reg"]:
         source = cams_aux if step < cfg.loss.seg_label_aux_until else cams
         with torch.no_grad():
-            label = refine_seg_label(source, cls_label, x, img_box, high_thresh=hi, low_thresh=lo, par_backend=backend)
+            label = refine_seg_label(source, cls_label, x, img_box, high_thresh=hi, low_thresh=lo,
+                                     par_dilations=tuple(cfg.cam.par_dilations), par_num_iter=cfg.cam.par_num_iter,
+                                     par_backend=backend)
         seg = F.interpolate(out.seg_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if w["seg"]:
             losses["seg"] = w["seg"] * seg_loss(seg, label)

@@ -21,6 +21,8 @@ def refine_seg_label(
     high_thresh: float = 0.7,
     low_thresh: float = 0.25,
     down_scale: int = 2,
+    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24),
+    par_num_iter: int = 10,
     par_backend: str = "auto",
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
@@ -45,7 +47,7 @@ def refine_seg_label(
         chans = torch.cat([torch.full_like(valid_cam[:, :1], bkg), valid_cam], dim=1)
         chans = F.interpolate(chans, size=size, mode="bilinear", align_corners=False)
         probs.append(chans.masked_fill(~present, -math.inf).softmax(dim=1))
-    refined = par(img, torch.cat(probs, dim=1), backend=par_backend)
+    refined = par(img, torch.cat(probs, dim=1), dilations=par_dilations, num_iter=par_num_iter, backend=par_backend)
     refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
     C = present.shape[1]
     label_high, label_low = (r.masked_fill(~present, -math.inf).argmax(dim=1) for r in refined.split(C, dim=1))

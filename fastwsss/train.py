@@ -92,7 +92,7 @@ class Evaluator:
             high_thresh=c.high_thresh, low_thresh=c.low_thresh, device=self.device, autocast=self.autocast,
             num_vis=self.cfg.eval.num_vis, vis_path=self.run_dir / "vis" / f"val_{step:06d}.png",
             num_workers=min(self.cfg.data.num_workers, 2), batch_size=self.cfg.eval.batch_size,
-            par_backend=self.cfg.kernels.backend,
+            par_dilations=tuple(c.par_dilations), par_num_iter=c.par_num_iter, par_backend=self.cfg.kernels.backend,
         )
         columns = {**results, **self.baselines}
         tqdm.write(f"\n[eval @ {step}] {len(self.dataset)} val images, {time.time() - t0:.1f} s; IoU %:\n"
