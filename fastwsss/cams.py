@@ -66,9 +66,14 @@ def cam_to_label(
     return label
 
 
-def ignore_outside_box(label: torch.Tensor, img_box: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Labels [B, H, W]; boxes [B, 4] = (h0, h1, w0, w1) in label coordinates: outside -> ignore."""
-    keep = torch.zeros_like(label, dtype=torch.bool)
+def box_mask(img_box: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Boxes [B, 4] = (h0, h1, w0, w1) -> bool [B, H, W], True inside."""
+    inside = torch.zeros(len(img_box), *size, dtype=torch.bool, device=img_box.device)
     for i, (h0, h1, w0, w1) in enumerate(img_box.tolist()):
-        keep[i, h0:h1, w0:w1] = True
-    return label.masked_fill(~keep, ignore_index)
+        inside[i, h0:h1, w0:w1] = True
+    return inside
+
+
+def ignore_outside_box(label: torch.Tensor, img_box: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Labels [B, H, W]; boxes [B, 4] in label coordinates: outside -> ignore."""
+    return label.masked_fill(~box_mask(img_box, label.shape[-2:]).to(label.device), ignore_index)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from .cams import cam_to_label, multiscale_cams
 from .data import IGNORE_INDEX, EvalDataset, read_mask
+from .kernels.par import DEFAULT_DILATIONS
 from .visualize import colorize, heatmap, save_grid
 
 
@@ -105,7 +106,7 @@ def evaluate_model(
     vis_path: str | Path | None = None,
     num_workers: int = 0,
     batch_size: int = 1,
-    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24),
+    par_dilations: tuple[int, ...] = DEFAULT_DILATIONS,
     par_num_iter: int = 10,
     par_backend: str = "auto",
 ) -> dict[str, ConfusionMatrix]:

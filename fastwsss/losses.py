@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .cams import box_mask
 from .data import IGNORE_INDEX
 
 
@@ -87,12 +88,10 @@ def reg_loss(seg_logits: torch.Tensor, images: torch.Tensor, img_box: torch.Tens
     """Gated dense-CRF regularisation (SPEC §7.6). ``seg_logits`` [B, C, H, W] at image size, ``images`` [B, 3, H, W]
     in 0..255, ``img_box`` [B, 4], ``seg_label`` [B, H, W] (255 = ignore). Everything is scaled by ``scale`` (image,
     ROI and label nearest, probabilities bilinear); σ_xy is scaled with it."""
-    B, _, H, W = seg_logits.shape
+    H, W = seg_logits.shape[-2:]
     size = (int(H * scale), int(W * scale))
     probs = F.interpolate(seg_logits.float().softmax(1), size=size, mode="bilinear", align_corners=False)
-    roi = torch.zeros(B, 1, H, W, device=seg_logits.device)
-    for i, (h0, h1, w0, w1) in enumerate(img_box.tolist()):
-        roi[i, :, h0:h1, w0:w1] = 1.0
+    roi = box_mask(img_box, (H, W)).to(seg_logits.device)[:, None].float()
     roi = F.interpolate(roi, size=size, mode="nearest")  # [B, 1, h, w]
     label = F.interpolate(seg_label[:, None].float(), size=size, mode="nearest")
     img = F.interpolate(images.float(), size=size, mode="nearest")

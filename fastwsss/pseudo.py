@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .cams import cam_to_label, ignore_outside_box
 from .data import IGNORE_INDEX
 from .data.transforms import denormalize
+from .kernels.par import DEFAULT_DILATIONS
 
 
 def refine_seg_label(
@@ -21,7 +22,7 @@ def refine_seg_label(
     high_thresh: float = 0.7,
     low_thresh: float = 0.25,
     down_scale: int = 2,
-    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24),
+    par_dilations: tuple[int, ...] = DEFAULT_DILATIONS,
     par_num_iter: int = 10,
     par_backend: str = "auto",
     ignore_index: int = IGNORE_INDEX,
