@@ -1,0 +1,465 @@
+"""Triton kernels of masked-key attention and of its packed (varlen) form, and their launchers.
+
+The only module of this package that imports triton. Conventions (see README.md): scores are kept in base 2
+(s2 = scale·log2(e)·q·k, so softmax = exp2(s2 − lse2)); LSE tensors hold lse2, +inf where a query has no key;
+accumulation in fp32; program ids cast to int64 before any pointer arithmetic; every load and store masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._backend import INTERPRET
+
+LOG2E = 1.4426950408889634
+
+
+def _blocks(head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_D, forward block, backward block). tl.dot needs every tile dim >= 16 to compile on a GPU."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return block_d, (64 if block_d <= 128 else 32), (64 if block_d <= 64 else 32)
+
+
+def _launch_opts(dtype: torch.dtype) -> dict:
+    # the interpreter has no real bf16: upcast right after tl.load there. fp32 parity needs IEEE dots (not tf32).
+    return {"UPCAST": INTERPRET and dtype == torch.bfloat16, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+def _row_view(t: Tensor) -> Tensor:
+    """Kernels read rows with explicit strides but assume a unit stride along the head dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Fold one key block into the running (max, sum, acc) of each query row; ok: pairs that may attend."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: avoid (-inf) - (-inf)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _finish(m_i, l_i, acc):
+    """out = acc / l, lse2 = m + log2(l); a row that saw no key: out 0, lse2 +inf (so exp2(s − lse2) = 0)."""
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(seen, m_i + tl.log2(l_safe), float("inf"))
+
+
+@triton.jit
+def _score_grads(q, k, v, do, lse, delta, ok, qk_scale, DOT_PRECISION: tl.constexpr):
+    """P and dS = P ∘ (dO·Vᵀ − δ) of one [query block, key block] tile (dS w.r.t. the scaled scores)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+# ---- many masks over shared q, k, v: q, k, v [B, H, N, D], key_idx [B, M, N], counts [B, M]
+
+
+@triton.jit
+def masked_key_attention_fwd_kernel(
+    Q, K, V, KEY_IDX, COUNTS, OUT, LSE,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_om, stride_oh, stride_on,
+    M, H, N, D, qk_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program (b·M·H + m·H + h, query block): the query block against the visible keys of mask m only."""
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    bm = pid // H
+    b = bm // M
+    m = bm % M
+    offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_q < N
+    d_ok = offs_d < D
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qn + offs_d[None, :],
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    count = tl.load(COUNTS + bm)
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for start in range(0, count, BLOCK_K):  # visible keys only: the first `count` entries of the index list
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < count
+        kid = tl.load(KEY_IDX + bm * N + offs_k, mask=k_ok, other=0).to(tl.int64)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + kid[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kid[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, k_ok[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+    out, lse = _finish(m_i, l_i, acc)
+    tl.store(OUT + b * stride_ob + m * stride_om + h * stride_oh + offs_q[:, None] * stride_on + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid * N + offs_q, lse, mask=q_ok)
+
+
+@triton.jit
+def masked_key_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, KEY_IDX, COUNTS, DK_PART, DV_PART,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_dom, stride_doh, stride_don,
+    M, H, N, D, qk_scale, scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program (b·M·H + m·H + h, visible-key block): that block's dK, dV under mask m, summed over every query;
+    stored at the keys' compact positions of mask m in DK_PART / DV_PART [B, M, H, N, D] fp32. A program past the
+    mask's visible count does nothing."""
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    bm = pid // H
+    b = bm // M
+    m = bm % M
+    count = tl.load(COUNTS + bm)
+    start = tl.program_id(1) * BLOCK_K
+    if start < count:
+        offs_k = start + tl.arange(0, BLOCK_K)
+        offs_d = tl.arange(0, BLOCK_D)
+        k_ok = offs_k < count
+        d_ok = offs_d < D
+        kid = tl.load(KEY_IDX + bm * N + offs_k, mask=k_ok, other=0).to(tl.int64)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * stride_kb + h * stride_kh + kid[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + kid[:, None] * stride_vn + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + m * stride_dom + h * stride_doh
+        for q_start in range(0, N, BLOCK_Q):
+            offs_q = q_start + tl.arange(0, BLOCK_Q).to(tl.int64)
+            q_ok = offs_q < N
+            q_mask = q_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_q[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + offs_q[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + pid * N + offs_q, mask=q_ok, other=float("inf"))
+            delta = tl.load(DELTA + pid * N + offs_q, mask=q_ok, other=0.0)
+            p, ds = _score_grads(q, k, v, do, lse, delta, q_ok[:, None] & k_ok[None, :], qk_scale, DOT_PRECISION)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        part = (pid * N + offs_k)[:, None] * D + offs_d[None, :]
+        tl.store(DK_PART + part, dk * scale, mask=kv_mask)
+        tl.store(DV_PART + part, dv, mask=kv_mask)
+
+
+@triton.jit
+def masked_key_attention_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, KEY_IDX, COUNTS, KEY_POS, DK_PART, DV_PART, DQ, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_dom, stride_doh, stride_don,
+    M, H, N, D, qk_scale, scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program (b·H + h, token block): dQ of the block, summed over the masks and their visible keys; then dK, dV
+    of the same tokens as the sum, in mask order, of the partials of the masks that see them (deterministic)."""
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    b = pid // H
+    offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_q < N
+    d_ok = offs_d < D
+    q_mask = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qn + offs_d[None, :], mask=q_mask,
+                other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for m in range(M):
+        bm = b * M + m
+        row = (bm * H + h) * N
+        count = tl.load(COUNTS + bm)
+        lse = tl.load(LSE + row + offs_q, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA + row + offs_q, mask=q_ok, other=0.0)
+        do = tl.load(DO + b * stride_dob + m * stride_dom + h * stride_doh + offs_q[:, None] * stride_don
+                     + offs_d[None, :], mask=q_mask, other=0.0)
+        if UPCAST:
+            do = do.to(tl.float32)
+        for start in range(0, count, BLOCK_K):
+            offs_k = start + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < count
+            kid = tl.load(KEY_IDX + bm * N + offs_k, mask=k_ok, other=0).to(tl.int64)
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + kid[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + kid[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            _, ds = _score_grads(q, k, v, do, lse, delta, q_ok[:, None] & k_ok[None, :], qk_scale, DOT_PRECISION)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    out_rows = (pid * N + offs_q)[:, None] * D + offs_d[None, :]  # DQ, DK, DV: contiguous [B, H, N, D]
+    tl.store(DQ + out_rows, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    dk = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for m in range(M):
+        bm = b * M + m
+        pos = tl.load(KEY_POS + bm * N + offs_q, mask=q_ok, other=-1).to(tl.int64)  # -1: hidden in mask m
+        part = ((bm * H + h) * N + pos)[:, None] * D + offs_d[None, :]
+        seen = (pos >= 0)[:, None] & d_ok[None, :]
+        dk += tl.load(DK_PART + part, mask=seen, other=0.0)
+        dv += tl.load(DV_PART + part, mask=seen, other=0.0)
+    tl.store(DK + out_rows, dk.to(DK.dtype.element_ty), mask=q_mask)
+    tl.store(DV + out_rows, dv.to(DV.dtype.element_ty), mask=q_mask)
+
+
+def _qkv_strides(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
+    return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+
+
+def masked_key_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_idx: Tensor, counts: Tensor, scale: float,
+                             out: Tensor, lse: Tensor) -> None:
+    """Fills out [B, M, H, N, D] (any strides, unit stride along D) and lse2 [B, M, H, N] fp32 contiguous."""
+    q, k, v = _row_view(q), _row_view(k), _row_view(v)
+    B, H, N, D = q.shape
+    M = key_idx.shape[1]
+    if out.numel() == 0:
+        return
+    block_d, block, _ = _blocks(D)
+    masked_key_attention_fwd_kernel[(B * M * H, triton.cdiv(N, block))](
+        q, k, v, key_idx, counts, out, lse, *_qkv_strides(q, k, v), *out.stride()[:4],
+        M, H, N, D, scale * LOG2E,
+        BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **_launch_opts(q.dtype), num_warps=4,
+    )
+
+
+def masked_key_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             key_idx: Tensor, counts: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv [B, H, N, D] contiguous, in q's dtype."""
+    q, k, v, dout = _row_view(q), _row_view(k), _row_view(v), _row_view(dout)
+    B, H, N, D = q.shape
+    M = key_idx.shape[1]
+    dq, dk, dv = (torch.empty(B, H, N, D, device=q.device, dtype=q.dtype) for _ in range(3))
+    if dq.numel() == 0:
+        return dq, dk, dv
+    if M == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = (out.float() * dout.float()).sum(-1).contiguous()  # δ_i = dO_i · O_i, [B, M, H, N]
+    rank = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, M, N)
+    key_pos = torch.empty_like(key_idx).scatter_(-1, key_idx.long(), rank)  # inverse permutation of key_idx
+    key_pos = torch.where(key_pos < counts[..., None], key_pos, -1)  # compact position, -1 = hidden
+    dk_part = torch.empty(B, M, H, N, D, device=q.device, dtype=torch.float32)  # only visible rows written/read
+    dv_part = torch.empty_like(dk_part)
+    block_d, _, block = _blocks(D)
+    opts = _launch_opts(q.dtype)
+    strides = (*_qkv_strides(q, k, v), *dout.stride()[:4])
+    masked_key_attention_bwd_dkdv_kernel[(B * M * H, triton.cdiv(N, block))](
+        q, k, v, dout, lse, delta, key_idx, counts, dk_part, dv_part, *strides, M, H, N, D, scale * LOG2E, scale,
+        BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **opts, num_warps=4,
+    )
+    masked_key_attention_bwd_kernel[(B * H, triton.cdiv(N, block))](
+        q, k, v, dout, lse, delta, key_idx, counts, key_pos, dk_part, dv_part, dq, dk, dv, *strides,
+        M, H, N, D, scale * LOG2E, scale,
+        BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **opts, num_warps=4,
+    )
+    return dq, dk, dv
+
+
+# ---- packed sequences: q, k, v [T, H, D]; seg [T] = sequence of each token; cu [S + 1] sequence bounds
+
+
+@triton.jit
+def _tile_span(SEG, CU, first_row, T, BLOCK: tl.constexpr):
+    """Rows [lo, hi) of every sequence touched by the rows first_row .. first_row + BLOCK − 1 (clipped to T)."""
+    first = tl.load(SEG + first_row)
+    last = tl.load(SEG + tl.minimum(first_row + BLOCK, T) - 1)
+    return tl.load(CU + first), tl.load(CU + last + 1)
+
+
+@triton.jit
+def varlen_attention_fwd_kernel(
+    Q, K, V, SEG, CU, OUT, LSE,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    T, H, D, qk_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program (row tile, h): a tile of consecutive packed rows (possibly several short sequences) against the
+    keys of the sequences it touches, pairs of different sequences masked out."""
+    first_row = tl.program_id(0).to(tl.int64) * BLOCK_Q
+    h = tl.program_id(1).to(tl.int64)
+    offs_q = first_row + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_q < T
+    d_ok = offs_d < D
+    seg_q = tl.load(SEG + offs_q, mask=q_ok, other=-1)
+    q = tl.load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    lo, hi = _tile_span(SEG, CU, first_row, T, BLOCK_Q)
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_K):
+        offs_k = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = offs_k < hi
+        seg_k = tl.load(SEG + offs_k, mask=k_ok, other=-2)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        ok = seg_q[:, None] == seg_k[None, :]
+        m_i, l_i, acc = _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+    out, lse = _finish(m_i, l_i, acc)
+    tl.store(OUT + offs_q[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=q_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + offs_q * H + h, lse, mask=q_ok)
+
+
+@triton.jit
+def varlen_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, SEG, CU, DK, DV,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    T, H, D, qk_scale, scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program (key tile, h): dK, dV of a tile of packed keys, summed over the queries of their sequences.
+    Every key belongs to one tile: written once, no atomics."""
+    first_row = tl.program_id(0).to(tl.int64) * BLOCK_K
+    h = tl.program_id(1).to(tl.int64)
+    offs_k = first_row + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ok = offs_k < T
+    d_ok = offs_d < D
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    seg_k = tl.load(SEG + offs_k, mask=k_ok, other=-2)
+    k = tl.load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    lo, hi = _tile_span(SEG, CU, first_row, T, BLOCK_K)
+    dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_Q):
+        offs_q = (start + tl.arange(0, BLOCK_Q)).to(tl.int64)
+        q_ok = offs_q < hi
+        q_mask = q_ok[:, None] & d_ok[None, :]
+        seg_q = tl.load(SEG + offs_q, mask=q_ok, other=-1)
+        q = tl.load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + offs_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + offs_q * H + h, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA + offs_q * H + h, mask=q_ok, other=0.0)
+        p, ds = _score_grads(q, k, v, do, lse, delta, seg_q[:, None] == seg_k[None, :], qk_scale, DOT_PRECISION)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    rows = (offs_k * H + h)[:, None] * D + offs_d[None, :]  # DK, DV: contiguous [T, H, D]
+    tl.store(DK + rows, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def varlen_attention_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, SEG, CU, DQ,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    T, H, D, qk_scale, scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program (row tile, h): dQ of a tile of packed rows, summed over the keys of their sequences."""
+    first_row = tl.program_id(0).to(tl.int64) * BLOCK_Q
+    h = tl.program_id(1).to(tl.int64)
+    offs_q = first_row + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_q < T
+    d_ok = offs_d < D
+    q_mask = q_ok[:, None] & d_ok[None, :]
+    seg_q = tl.load(SEG + offs_q, mask=q_ok, other=-1)
+    q = tl.load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + offs_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + offs_q * H + h, mask=q_ok, other=float("inf"))
+    delta = tl.load(DELTA + offs_q * H + h, mask=q_ok, other=0.0)
+    lo, hi = _tile_span(SEG, CU, first_row, T, BLOCK_Q)
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_K):
+        offs_k = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = offs_k < hi
+        seg_k = tl.load(SEG + offs_k, mask=k_ok, other=-2)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        _, ds = _score_grads(q, k, v, do, lse, delta, seg_q[:, None] == seg_k[None, :], qk_scale, DOT_PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    rows = (offs_q * H + h)[:, None] * D + offs_d[None, :]
+    tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, seg: Tensor, cu_seqlens: Tensor,
+                         scale: float) -> tuple[Tensor, Tensor]:
+    """-> out [T, H, D] contiguous (q's dtype), lse2 [T, H] fp32."""
+    q, k, v = _row_view(q), _row_view(k), _row_view(v)
+    T, H, D = q.shape
+    out = torch.empty(T, H, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(T, H, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    block_d, block, _ = _blocks(D)
+    varlen_attention_fwd_kernel[(triton.cdiv(T, block), H)](
+        q, k, v, seg, cu_seqlens, out, lse, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+        T, H, D, scale * LOG2E,
+        BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **_launch_opts(q.dtype), num_warps=4,
+    )
+    return out, lse
+
+
+def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seg: Tensor,
+                         cu_seqlens: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv [T, H, D] contiguous, in q's dtype."""
+    q, k, v, dout = _row_view(q), _row_view(k), _row_view(v), _row_view(dout)
+    T, H, D = q.shape
+    dq, dk, dv = (torch.empty(T, H, D, device=q.device, dtype=q.dtype) for _ in range(3))
+    if dq.numel() == 0:
+        return dq, dk, dv
+    delta = (out.float() * dout.float()).sum(-1).contiguous()  # [T, H]
+    block_d, _, block = _blocks(D)
+    opts = _launch_opts(q.dtype)
+    args = (q, k, v, dout, lse, delta, seg, cu_seqlens)
+    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2])
+    grid = (triton.cdiv(T, block), H)
+    varlen_attention_bwd_dkdv_kernel[grid](*args, dk, dv, *strides, T, H, D, scale * LOG2E, scale,
+                                           BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **opts, num_warps=4)
+    varlen_attention_bwd_kernel[grid](*args, dq, *strides, T, H, D, scale * LOG2E, scale,
+                                      BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **opts, num_warps=4)
+    return dq, dk, dv
