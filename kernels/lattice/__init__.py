@@ -1,6 +1,5 @@
-"""Permutohedral-lattice bilateral filter (Krähenbühl's densecrf lattice) in plain PyTorch."""
+"""Permutohedral-lattice bilateral filter (Krähenbühl's densecrf lattice): PyTorch reference and Triton kernels."""
 
-from .api import permutohedral_filter
-from .reference import PermutohedralLattice
+from .api import PermutohedralLattice, permutohedral_filter
 
 __all__ = ["PermutohedralLattice", "permutohedral_filter"]

@@ -1,15 +1,104 @@
-"""Public entry point of the permutohedral-lattice bilateral filter, dispatched through ``kernels._backend``."""
+"""Public entry points of the permutohedral-lattice bilateral filter, dispatched through ``kernels._backend``."""
 
 from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
-from .reference import PermutohedralLattice
+from .._backend import device_reasons, resolve_backend
+from .reference import PermutohedralLattice as ReferenceLattice
 
 __all__ = ["PermutohedralLattice", "permutohedral_filter"]
 
-_NO_TRITON = ["no Triton kernel for permutohedral_filter yet"]
+_MAX_FEATURES = 14  # = _triton.MAX_FEATURES (not imported: importing _triton imports triton)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _feature_reasons(features: torch.Tensor) -> list[str]:
+    reasons = device_reasons(features)
+    if features.shape[1] > _MAX_FEATURES:
+        reasons.append(f"{features.shape[1]} feature channels (the Triton lattice takes at most {_MAX_FEATURES})")
+    return reasons
+
+
+def _value_reasons(values: torch.Tensor) -> list[str]:
+    if values.dtype in _TRITON_DTYPES:
+        return []
+    return [f"values are {values.dtype} (the Triton lattice filters float16, bfloat16 and float32 in float32)"]
+
+
+@torch.library.custom_op("fastwsss::lattice_filter", mutates_args=())
+def _lattice_filter(values: torch.Tensor, offsets: torch.Tensor, bary: torch.Tensor, neighbors: torch.Tensor,
+                    splat_pix: torch.Tensor, splat_w: torch.Tensor, splat_ptrs: list[torch.Tensor],
+                    reverse: bool) -> torch.Tensor:
+    from ._triton import lattice_filter
+
+    return lattice_filter(values, offsets, bary, neighbors, splat_pix, splat_w, splat_ptrs, reverse)
+
+
+@_lattice_filter.register_fake
+def _(values, offsets, bary, neighbors, splat_pix, splat_w, splat_ptrs, reverse):
+    return values.new_empty(values.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.lattice, ctx.reverse = inputs[1:7], inputs[7]
+
+
+def _backward(ctx, grad):
+    # the filter is linear with transpose = the same filter, blur axes reversed (README.md)
+    grad_values = _lattice_filter(grad, *ctx.lattice, not ctx.reverse)
+    return grad_values, None, None, None, None, None, [None] * len(ctx.lattice[5]), None
+
+
+_lattice_filter.register_autograd(_backward, setup_context=_setup_context)
+
+
+class PermutohedralLattice:
+    """One permutohedral lattice per image of a batch, built once and reused for many filters (the regularisation
+    loss filters its channels and, with the exact gradient, the reverse; a dense CRF filters 10 times).
+
+    ``features`` [B, F, H, W], already divided by their sigmas (densecrf's bilateral kernel: x/sxy, y/sxy, r/srgb,
+    g/srgb, b/srgb). ``backend``: "auto" (Triton where ``kernels._backend`` allows, else the PyTorch reference),
+    "triton" (raises with every reason it cannot) or "torch". ``densecrf_padding``: see the reference class.
+
+    ``filter(values, reverse=False)`` [B, C, H, W] -> [B, C, H, W] in values.dtype, differentiable w.r.t. values.
+    On a Triton lattice, float64 values go through the same lattice as float64 sparse products (with "auto"; an
+    explicit "triton" raises).
+    """
+
+    def __init__(self, features: torch.Tensor, densecrf_padding: bool = True, backend: str = "auto"):
+        if features.dim() != 4:
+            raise ValueError(f"features must be [B, F, H, W], got shape {tuple(features.shape)}")
+        if features.shape[1] < 1:
+            raise ValueError("features need at least one channel")
+        self.requested_backend = backend
+        self.backend = resolve_backend(backend, "PermutohedralLattice", _feature_reasons(features))
+        if self.backend == "triton":
+            from ._triton import TritonLattice
+
+            self._impl = TritonLattice(features, densecrf_padding)
+        else:
+            self._impl = ReferenceLattice(features, densecrf_padding)
+        impl = self._impl
+        self.batch, self.d, self.height, self.width = impl.batch, impl.d, impl.height, impl.width
+        self.num_pixels, self.num_vertices, self.device = impl.num_pixels, impl.num_vertices, impl.device
+
+    def filter(self, values: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """[B, C, H, W] -> [B, C, H, W]: splat, blur along the d+1 lattice axes (reverse: the opposite order, the
+        transpose of the forward filter), slice, times alpha = 1/(1+2^-d)."""
+        B, H, W = self.batch, self.height, self.width
+        if values.dim() != 4 or values.shape[0] != B or tuple(values.shape[2:]) != (H, W):
+            raise ValueError(f"values must be [{B}, C, {H}, {W}], got shape {tuple(values.shape)}")
+        if values.device != self.device:
+            raise ValueError(f"values are on {values.device}, the lattice on {self.device}")
+        if not values.is_floating_point():
+            raise ValueError(f"values must be floating point, got {values.dtype}")
+        if self.backend == "torch":
+            return self._impl.filter(values, reverse)
+        reasons = _value_reasons(values)
+        if resolve_backend(self.requested_backend, "PermutohedralLattice.filter", reasons) == "torch":
+            return self._impl.reference().filter(values, reverse)
+        return _lattice_filter(values, *self._impl.tensors, reverse)
 
 
 def permutohedral_filter(values: torch.Tensor, features: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -18,9 +107,16 @@ def permutohedral_filter(values: torch.Tensor, features: torch.Tensor, backend: 
     ``values`` [B, C, H, W] (any float dtype; returned in it), ``features`` [B, F, H, W] already divided by their
     sigmas. Self included, no normalisation; the lattice's output is ~0.5-0.6x the exact Gaussian sum (README.md).
     Builds a lattice and filters once: to filter many times with the same features, build a
-    ``PermutohedralLattice`` and call its ``filter``.
+    ``PermutohedralLattice`` and call its ``filter``. Differentiable w.r.t. ``values`` (the features get no
+    gradient).
 
-    ``backend``: "auto" (the PyTorch reference: there is no Triton kernel yet), "torch", or "triton" (raises).
+    ``backend``: "auto" (Triton where possible, else the PyTorch reference), "torch", or "triton" (raises with
+    every reason it cannot take the inputs).
     """
-    resolve_backend(backend, "permutohedral_filter", list(_NO_TRITON))
-    return PermutohedralLattice(features).filter(values)
+    if values.dim() != 4 or features.dim() != 4:
+        raise ValueError(f"values and features must be 4-d, got {tuple(values.shape)} and {tuple(features.shape)}")
+    reasons = device_reasons(values, features) + _value_reasons(values)
+    if features.shape[1] > _MAX_FEATURES:
+        reasons.append(f"{features.shape[1]} feature channels (the Triton lattice takes at most {_MAX_FEATURES})")
+    backend = resolve_backend(backend, "permutohedral_filter", reasons)
+    return PermutohedralLattice(features, backend=backend).filter(values)

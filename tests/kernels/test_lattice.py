@@ -1,4 +1,5 @@
-"""kernels.lattice: the PyTorch permutohedral lattice against Krähenbühl's densecrf (pydensecrf2) and the maths."""
+"""kernels.lattice: the PyTorch permutohedral lattice against Krähenbühl's densecrf (pydensecrf2) and the maths; the
+Triton lattice (under the interpreter on CPU) against the PyTorch one and pydensecrf2."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.lattice import PermutohedralLattice, permutohedral_filter
-from kernels.lattice.reference import _scale_factors
+from kernels.lattice import PermutohedralLattice as Lattice
+from kernels.lattice import permutohedral_filter
+from kernels.lattice.reference import PermutohedralLattice, _scale_factors
 
 TOL = 1e-4
 
@@ -307,20 +309,34 @@ def test_dtypes(dtype, tol):
 
 
 def test_backends():
+    """backend="torch" is the reference exactly; "auto" picks Triton where ``kernels._backend`` allows it (CUDA, or
+    the interpreter on CPU), else the reference; float64 values and too many features are reasons against it."""
+    from kernels._backend import INTERPRET
+
     H, W = 9, 11
     feats = bilateral_features(make_image("noise", H, W, seed=2), 5, 20)
     v = torch.rand(1, 3, H, W)
     ref = PermutohedralLattice(feats).filter(v)
     torch.testing.assert_close(permutohedral_filter(v, feats, backend="torch"), ref, rtol=0, atol=0)
-    torch.testing.assert_close(permutohedral_filter(v, feats), ref, rtol=0, atol=0)  # auto -> torch
-    with pytest.raises(ValueError, match="no Triton kernel for permutohedral_filter"):
-        permutohedral_filter(v, feats, backend="triton")
+    assert Lattice(feats, backend="torch").backend == "torch"
+    assert Lattice(feats).backend == ("triton" if INTERPRET else "torch")
+    torch.testing.assert_close(permutohedral_filter(v, feats), ref, rtol=1e-5, atol=1e-6)
+    # float64 values: "auto" filters them on the same lattice in float64, "triton" says why it cannot
+    v64 = v.double()
+    torch.testing.assert_close(permutohedral_filter(v64, feats), PermutohedralLattice(feats).filter(v64),
+                               rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="torch.float64"):
+        permutohedral_filter(v64, feats, backend="triton")
+    with pytest.raises(ValueError, match="at most 14"):
+        Lattice(torch.rand(1, 15, 2, 3), backend="triton")
+    assert Lattice(torch.rand(1, 15, 2, 3)).backend == "torch"
     with pytest.raises(ValueError, match="not one of"):
         permutohedral_filter(v, feats, backend="cuda")
 
 
-def test_bad_inputs():
-    lat = PermutohedralLattice(torch.rand(2, 5, 4, 4))
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_bad_inputs(backend):
+    lat = Lattice(torch.rand(2, 5, 4, 4), backend=backend)
     with pytest.raises(ValueError):
         lat.filter(torch.rand(1, 3, 4, 4))
     with pytest.raises(ValueError):
@@ -328,7 +344,12 @@ def test_bad_inputs():
     with pytest.raises(ValueError):
         lat.filter(torch.ones(2, 3, 4, 4, dtype=torch.int64))
     with pytest.raises(ValueError):
+        Lattice(torch.rand(5, 4, 4), backend=backend)
+    with pytest.raises(ValueError):
         PermutohedralLattice(torch.rand(5, 4, 4))
+    if backend == "auto":
+        with pytest.raises(ValueError, match="finite"):
+            Lattice(torch.full((1, 5, 4, 4), float("nan")), backend="triton")
 
 
 # ----------------------------------------------------------------------------------------------- internals
@@ -355,13 +376,222 @@ def test_row_hash_fallback_and_sparse_invariants():
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
+    """On a GPU, "auto" builds and filters with real Triton: same output as the CPU reference, and the gradient
+    (the custom op's backward) is the reverse filter."""
     H, W = 64, 64
     feats = torch.cat([bilateral_features(make_image(k, H, W, seed=1), 50, 15) for k in ("natural", "blocks")])
     v = torch.rand(2, 21, H, W)
-    cpu = PermutohedralLattice(feats).filter(v)
-    lat = PermutohedralLattice(feats.cuda())
+    cpu_lat = PermutohedralLattice(feats)
+    cpu = cpu_lat.filter(v)
+    lat = Lattice(feats.cuda())
+    assert lat.backend == "triton" and lat.num_vertices == cpu_lat.num_vertices
     gpu = lat.filter(v.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
-    vv = v.cuda().double().requires_grad_()
-    lat.filter(vv).sum().backward()
-    torch.testing.assert_close(vv.grad, lat.filter(torch.ones_like(vv), reverse=True))
+    vv = v.cuda().requires_grad_()
+    w = torch.rand_like(vv)
+    (lat.filter(vv) * w).sum().backward()
+    torch.testing.assert_close(vv.grad, lat.filter(w, reverse=True))
+    torch.testing.assert_close(vv.grad.cpu(), cpu_lat.filter(w.cpu(), reverse=True), rtol=1e-5, atol=1e-6)
+    vd = v.cuda().double().requires_grad_()  # float64: the same lattice, float64 sparse products
+    lat.filter(vd).sum().backward()
+    torch.testing.assert_close(vd.grad.cpu(), cpu_lat.filter(torch.ones_like(v).double(), reverse=True))
+
+
+# ------------------------------------------------------------------------------ Triton lattice (interpreter on CPU)
+# Tolerances: the Triton filter accumulates in float32 (the reference in float64; densecrf in float32, 1.4e-6 from
+# the reference): 1e-5 of the max and of every element above 1e-3 of it, for non-negative values (no cancellation).
+# float16 / bfloat16 values: the output is rounded to them (2^-11 / 2^-8 relative), hence 2e-3 / 1e-2.
+
+TRITON_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _nan_fill(monkeypatch):
+    """Every buffer a Triton kernel must write starts as NaN, so an unwritten element cannot pass."""
+    from kernels._backend import HAS_TRITON
+
+    if HAS_TRITON:
+        from kernels.lattice import _triton
+
+        monkeypatch.setattr(_triton, "NAN_FILL", True)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def triton_lattice(features: torch.Tensor, **kw) -> Lattice:
+    lat = Lattice(features.to(_device()), backend="triton", **kw)
+    assert lat.backend == "triton"
+    return lat
+
+
+def _compare(lat: Lattice, ref: PermutohedralLattice, v: torch.Tensor, what: str, reverse: bool = False) -> None:
+    out = lat.filter(v.to(_device()), reverse=reverse)
+    assert out.dtype == v.dtype and out.shape == v.shape
+    expected = ref.filter(v.double(), reverse=reverse)
+    B, C = v.shape[:2]
+    assert_matches(out.cpu().double().reshape(B * C, -1).numpy(), expected.reshape(B * C, -1).numpy(),
+                   tol=TRITON_TOL[v.dtype], what=what)
+
+
+def test_triton_coordinates_are_the_references():
+    """The fused coordinate kernel reproduces densecrf's float32 elevation, half-to-even rounding, rank and
+    barycentric weights bit for bit, and finds the same vertices (rounding ties, rank ties, block padding)."""
+    from kernels.lattice._triton import TritonLattice
+
+    cases = [bilateral_features(make_image(k, 17, 23, seed=1), sxy, srgb)
+             for k, sxy, srgb in (("noise", 50, 15), ("blocks", 1, 1), ("gradient", 2, 5))]
+    cases.append(torch.rand(2, 3, 5, 6, generator=torch.Generator().manual_seed(0)) * 5 - 2.5)
+    for feats in cases:
+        for padding in (True, False):
+            ref = PermutohedralLattice(feats, densecrf_padding=padding)
+            tri = TritonLattice(feats.to(_device()), densecrf_padding=padding)
+            B, d, H, W = feats.shape
+            N = H * W
+            offsets, bary = tri.tensors[:2]
+            Np = offsets.shape[0] // B
+            assert tri.num_vertices == ref.num_vertices
+            bary = bary.cpu().reshape(B, Np, d + 1)[:, :N].reshape(B * N, d + 1).double()
+            assert torch.equal(bary, ref.weights)
+            # the same partition of the pixels' simplex corners into vertices (numbered differently)
+            ours = offsets.cpu().long().reshape(B, Np, d + 1)[:, :N].reshape(-1)
+            theirs = ref.offsets.reshape(-1)
+            pairs = torch.unique(torch.stack([ours, theirs], 1), dim=0)
+            assert pairs.shape[0] == torch.unique(ours).numel() == torch.unique(theirs).numel()
+
+
+TRITON_CASES = [  # (id, B, H, W, kind, sxy, srgb, C)
+    ("tiny-8x8-C3", 1, 8, 8, "noise", 5, 20, 3),
+    ("ragged-17x23-C21", 1, 17, 23, "natural", 50, 15, 21),
+    ("ragged-blocks-ties-C2", 2, 13, 7, "blocks", 1, 1, 2),
+    ("gradient-B3-C70", 3, 9, 11, "gradient", 2, 5, 70),  # more channels than one channel block
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "reverse"])
+def test_triton_matches_reference(case, reverse):
+    _, B, H, W, kind, sxy, srgb, C = case
+    feats = torch.cat([bilateral_features(make_image(kind, H, W, seed=b), sxy, srgb) for b in range(B)])
+    v = torch.rand(B, C, H, W, generator=torch.Generator().manual_seed(C))
+    _compare(triton_lattice(feats), PermutohedralLattice(feats), v, f"{case[0]} reverse={reverse}", reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)],
+                         ids=["fp16", "bf16"])
+def test_triton_low_precision_values(dtype):
+    """Low-precision values are read, upcast and accumulated in float32, written back in their dtype; compared to
+    the reference on the same (rounded) inputs."""
+    H, W = 17, 23
+    feats = bilateral_features(make_image("natural", H, W, seed=5), 30, 15)
+    v = torch.rand(2, 5, H, W, generator=torch.Generator().manual_seed(0)).to(dtype)
+    feats = torch.cat([feats, feats.flip(-1)])
+    _compare(triton_lattice(feats), PermutohedralLattice(feats), v, str(dtype))
+
+
+def test_triton_matches_densecrf(dcrf):
+    """pydensecrf2 (densecrf's own float32 lattice) as the external oracle: ragged sizes with its block padding,
+    rank ties on piecewise-constant images, small sigmas (many vertices) and the crafted rounding ties."""
+    for H, W, kind, sxy, srgb, K in ((17, 23, "noise", 50, 15, 3), (17, 23, "blocks", 1, 1, 4),
+                                     (17, 23, "gradient", 2, 5, 21), (31, 45, "natural", 10, 20, 7)):
+        img = make_image(kind, H, W, seed=H * W + K)
+        q = np.random.RandomState(K).rand(K, H * W).astype(np.float32)
+        lat = triton_lattice(bilateral_features(img, sxy, srgb))
+        ours = lat.filter(torch.from_numpy(q).reshape(1, K, H, W).to(_device())).cpu().reshape(K, -1).numpy()
+        assert_matches(ours, oracle_bilateral(dcrf, img, q, sxy, srgb), what=f"triton {H}x{W} {kind} K={K}")
+    r = np.random.RandomState(3)
+    for d, N in ((2, 96), (7, 60)):
+        feats = (r.randn(d, N) * 2).astype(np.float32)
+        q = r.rand(4, N).astype(np.float32)
+        lat = triton_lattice(torch.from_numpy(feats).reshape(1, d, 1, N))
+        ours = lat.filter(torch.from_numpy(q).reshape(1, 4, 1, N).to(_device())).cpu().reshape(4, N).numpy()
+        assert_matches(ours, oracle_features(dcrf, feats, q), what=f"triton generic d={d}")
+
+
+def test_triton_224_c21_matches_reference_and_densecrf(dcrf):
+    """The regularisation loss's setting: 224x224, 21 softmax channels, sigma_xy 50, sigma_rgb 15 (~5 s under the
+    interpreter: vertex rows of up to ~3000 pixels, a three-level splat)."""
+    img = make_image("natural", 224, 224, seed=50)
+    logits = np.random.RandomState(15).randn(21, 224 * 224).astype(np.float32) * 3
+    q = np.exp(logits - logits.max(0))
+    q = (q / q.sum(0)).astype(np.float32)
+    feats = bilateral_features(img, 50, 15)
+    lat = triton_lattice(feats)
+    assert len(lat._impl.tensors[5]) >= 2  # long vertex rows were split
+    v = torch.from_numpy(q).reshape(1, 21, 224, 224)
+    out = lat.filter(v.to(_device())).cpu()
+    ref = PermutohedralLattice(feats).filter(v.double())
+    assert_matches(out.reshape(21, -1).numpy(), ref.reshape(21, -1).numpy(), tol=1e-5, what="224 vs reference")
+    assert_matches(out.reshape(21, -1).numpy(), oracle_bilateral(dcrf, img, q, 50, 15), what="224 vs densecrf")
+
+
+def test_triton_constant_image_and_constant_features():
+    """A constant image (colour features all equal) and fully constant features (every pixel in one simplex: the
+    d+1 vertices each hold all N pixels, so the splat's long-row levels are deep)."""
+    H, W = 24, 20
+    img = np.full((H, W, 3), 77, np.uint8)
+    v = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(2))
+    feats = torch.cat([bilateral_features(img, 50, 15), bilateral_features(img, 3, 15)])
+    _compare(triton_lattice(feats), PermutohedralLattice(feats), v, "constant image")
+    H, W = 40, 30
+    flat = torch.full((2, 5, H, W), 0.3)
+    lat = triton_lattice(flat)
+    assert lat.num_vertices == 2 * 6 and len(lat._impl.tensors[5]) == 3  # 1200 pixels: 38 pieces, 2, 1
+    v = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(2))
+    _compare(lat, PermutohedralLattice(flat), v, "constant features")
+    out = lat.filter(torch.ones(2, 1, H, W, device=_device()))
+    assert torch.allclose(out, out.flatten()[0])  # every pixel sees the same lattice mass
+
+
+def test_triton_short_segments_and_huge_keys():
+    """Splitting rows into pieces of 2 (many levels) gives the same result as pieces of 32; features so large that
+    the vertex codes would overflow int64 take the reference's row hash and still filter with Triton."""
+    from kernels.lattice._triton import TritonLattice, lattice_filter
+
+    g = torch.Generator().manual_seed(4)
+    feats = (torch.rand(2, 5, 9, 11, generator=g) * 4).to(_device())
+    v = torch.rand(2, 3, 9, 11, generator=g).to(_device())
+    a, b = TritonLattice(feats), TritonLattice(feats, seg=2)
+    assert len(b.tensors[5]) > len(a.tensors[5])
+    fa, fb = lattice_filter(v, *a.tensors, False), lattice_filter(v, *b.tensors, False)
+    torch.testing.assert_close(fa, fb, rtol=1e-6, atol=1e-7)
+    huge = triton_lattice(feats * 5000)
+    assert huge._impl._ref is not None  # built by the reference's row hash
+    _compare(huge, PermutohedralLattice(feats.cpu() * 5000), v.cpu(), "huge keys")
+
+
+def test_triton_gradients():
+    """The custom op's backward is the reverse filter (the filter's transpose): equal to the reference's autograd;
+    differentiable twice; filtering with reverse=True has the forward filter as its gradient."""
+    H, W = 17, 23
+    feats = torch.cat([bilateral_features(make_image(k, H, W, seed=3), 20, 10) for k in ("natural", "blocks")])
+    lat, ref = triton_lattice(feats), PermutohedralLattice(feats)
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(2, 3, H, W, generator=g)
+    w = torch.rand(2, 3, H, W, generator=g)
+    for reverse in (False, True):
+        vt = v.to(_device()).detach().requires_grad_()
+        (lat.filter(vt, reverse=reverse) * w.to(_device())).sum().backward()
+        vr = v.double().requires_grad_()
+        (ref.filter(vr, reverse=reverse) * w.double()).sum().backward()
+        assert_matches(vt.grad.cpu().double().reshape(6, -1).numpy(), vr.grad.reshape(6, -1).numpy(),
+                       tol=1e-5, what=f"grad reverse={reverse}")
+    vt = v.to(_device()).detach().requires_grad_()
+    (gv,) = torch.autograd.grad((lat.filter(vt) ** 2).sum(), vt, create_graph=True)
+    (ggv,) = torch.autograd.grad((gv * w.to(_device())).sum(), vt)
+    vr = v.double().requires_grad_()
+    (gr,) = torch.autograd.grad((ref.filter(vr) ** 2).sum(), vr, create_graph=True)
+    (ggr,) = torch.autograd.grad((gr * w.double()).sum(), vr)
+    assert_matches(ggv.cpu().double().reshape(6, -1).numpy(), ggr.reshape(6, -1).numpy(), tol=1e-5,
+                   what="double backward")
+
+
+def test_triton_custom_op_opcheck():
+    """torch.library.opcheck: schema, fake tensor, autograd registration of fastwsss::lattice_filter."""
+    from kernels.lattice.api import _lattice_filter
+
+    lat = triton_lattice(bilateral_features(make_image("noise", 4, 5, seed=0), 5, 20))
+    v = torch.rand(1, 2, 4, 5, device=_device(), requires_grad=True)
+    torch.library.opcheck(_lattice_filter, (v, *lat._impl.tensors, False),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
