@@ -158,6 +158,25 @@ class EvalConfig:
 
 
 @dataclass
+class InferConfig:
+    """Inference and whole-split evaluation from a checkpoint (SPEC §10): multi-scale + flip, dense CRF."""
+
+    fusion: str = "voc"  # voc: native size, flip pair by sum, scales by max | coco: resize first, flip max, scales sum
+    scales: tuple[float, ...] = (1.0, 1.5, 1.25)  # the reference's VOC scales; COCO's are (1.0, 1.25, 1.5)
+    coco_size: int = 448  # fusion=coco: images are resized to coco_size x coco_size first
+    crf_impl: str = "pydensecrf"  # pydensecrf (C++ reference, process pool) | lattice (ours: CPU or CUDA, batched)
+    crf_workers: int = 0  # pydensecrf worker processes; 0 = one per CPU core
+    crf_batch_size: int = 1  # lattice: images of one size filtered together
+    crf_iterations: int = 10
+    crf_gauss_sxy: float = 1.0
+    crf_gauss_compat: float = 1.0
+    crf_bi_sxy: float = 121.0
+    crf_bi_srgb: float = 5.0
+    crf_bi_compat: float = 4.0
+    num_workers: int = 2  # image-decoding worker processes
+
+
+@dataclass
 class RunConfig:
     dir: str | None = None  # default runs/<name>/<timestamp>
     resume: str | None = None  # a run directory or a checkpoint file to continue from
@@ -176,6 +195,7 @@ class Config:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -194,6 +214,10 @@ def validate(cfg: Config) -> Config:
     errors += _choice("train.precision", cfg.train.precision, PRECISIONS)
     errors += _choice("contrast.mcc_forward", cfg.contrast.mcc_forward, ("drop", "masked"))
     errors += _choice("kernels.backend", cfg.kernels.backend, ("auto", "torch", "triton"))
+    errors += _choice("infer.fusion", cfg.infer.fusion, ("voc", "coco"))
+    errors += _choice("infer.crf_impl", cfg.infer.crf_impl, ("pydensecrf", "lattice"))
+    if not cfg.infer.scales or min(cfg.infer.scales) <= 0:
+        errors.append(f"infer.scales={list(cfg.infer.scales)} must be one or more positive scales")
     if cfg.data.num_classes < 2:
         errors.append(f"data.num_classes={cfg.data.num_classes} must count background plus at least one class")
     lo, hi = cfg.data.rescale_range
