@@ -62,7 +62,7 @@ def mcc_local_views(model: WSSSNet, batch: dict, cams: torch.Tensor, cams_aux: t
     vis = keep.float()
     flags = ((roi[:, None] * vis).sum(-1) > cfg.contrast.neg_thresh * vis.sum(-1)).float()
     forward = dropped_class_tokens if cfg.contrast.mcc_forward == "drop" else masked_class_tokens
-    return forward(model.backbone, batch["local"], keep), flags
+    return forward(model.backbone, batch["local"], keep, backend=cfg.kernels.backend), flags
 
 
 LOCAL_VIEWS = {"toco": toco_local_views, "mcc": mcc_local_views}
@@ -101,7 +101,8 @@ def compute_losses(model: WSSSNet, batch: dict, step: int, cfg: Config) -> dict[
         if w["reg"]:
             losses["reg"] = w["reg"] * reg_loss(
                 seg, denormalize(x.float()), img_box, label, sigma_rgb=cfg.loss.reg_sigma_rgb,
-                sigma_xy=cfg.loss.reg_sigma_xy, scale=cfg.loss.reg_scale, exact_grad=cfg.quirks.exact_reg_grad)
+                sigma_xy=cfg.loss.reg_sigma_xy, scale=cfg.loss.reg_scale, exact_grad=cfg.quirks.exact_reg_grad,
+                backend=backend)
     if w["aff"]:
         from fastwsss.kernels import token_affinity_loss
 

@@ -28,6 +28,18 @@ def _launch_opts(dtype: torch.dtype) -> dict:
     return {"UPCAST": INTERPRET and dtype == torch.bfloat16, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 
+def _alloc(*shape: int, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Every buffer the launchers hand to a kernel (tests patch this to fill NaN: an unwritten element cannot pass)."""
+    return torch.empty(*shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
+
+
+def masked_out_buffer(q: Tensor, num_masks: int) -> Tensor:
+    """[B, M, H, N, D] view of a [B, M, N, H, D] buffer: a layer's [B, M, N, H·D] output is then a free reshape.
+    The fake kernel in api.py builds the same layout."""
+    B, H, N, D = q.shape
+    return _alloc(B, num_masks, N, H, D, like=q).permute(0, 1, 3, 2, 4)
+
+
 def _row_view(t: Tensor) -> Tensor:
     """Kernels read rows with explicit strides but assume a unit stride along the head dim."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -236,20 +248,23 @@ def _qkv_strides(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
     return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
 
 
-def masked_key_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_idx: Tensor, counts: Tensor, scale: float,
-                             out: Tensor, lse: Tensor) -> None:
-    """Fills out [B, M, H, N, D] (any strides, unit stride along D) and lse2 [B, M, H, N] fp32 contiguous."""
+def masked_key_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_idx: Tensor, counts: Tensor,
+                             scale: float) -> tuple[Tensor, Tensor]:
+    """-> out [B, M, H, N, D] (q's dtype, layout of `masked_out_buffer`), lse2 [B, M, H, N] fp32."""
     q, k, v = _row_view(q), _row_view(k), _row_view(v)
     B, H, N, D = q.shape
     M = key_idx.shape[1]
+    out = masked_out_buffer(q, M)
+    lse = _alloc(B, M, H, N, like=q, dtype=torch.float32)
     if out.numel() == 0:
-        return
+        return out, lse
     block_d, block, _ = _blocks(D)
     masked_key_attention_fwd_kernel[(B * M * H, triton.cdiv(N, block))](
         q, k, v, key_idx, counts, out, lse, *_qkv_strides(q, k, v), *out.stride()[:4],
         M, H, N, D, scale * LOG2E,
         BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **_launch_opts(q.dtype), num_warps=4,
     )
+    return out, lse
 
 
 def masked_key_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -258,7 +273,7 @@ def masked_key_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     q, k, v, dout = _row_view(q), _row_view(k), _row_view(v), _row_view(dout)
     B, H, N, D = q.shape
     M = key_idx.shape[1]
-    dq, dk, dv = (torch.empty(B, H, N, D, device=q.device, dtype=q.dtype) for _ in range(3))
+    dq, dk, dv = (_alloc(B, H, N, D, like=q) for _ in range(3))
     if dq.numel() == 0:
         return dq, dk, dv
     if M == 0:
@@ -267,8 +282,8 @@ def masked_key_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     rank = torch.arange(N, device=q.device, dtype=torch.int32).expand(B, M, N)
     key_pos = torch.empty_like(key_idx).scatter_(-1, key_idx.long(), rank)  # inverse permutation of key_idx
     key_pos = torch.where(key_pos < counts[..., None], key_pos, -1)  # compact position, -1 = hidden
-    dk_part = torch.empty(B, M, H, N, D, device=q.device, dtype=torch.float32)  # only visible rows written/read
-    dv_part = torch.empty_like(dk_part)
+    dk_part = _alloc(B, M, H, N, D, like=q, dtype=torch.float32)  # only the visible rows are written and read
+    dv_part = _alloc(B, M, H, N, D, like=q, dtype=torch.float32)
     block_d, _, block = _blocks(D)
     opts = _launch_opts(q.dtype)
     strides = (*_qkv_strides(q, k, v), *dout.stride()[:4])
@@ -431,8 +446,8 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, seg: Tensor, cu_seqlen
     """-> out [T, H, D] contiguous (q's dtype), lse2 [T, H] fp32."""
     q, k, v = _row_view(q), _row_view(k), _row_view(v)
     T, H, D = q.shape
-    out = torch.empty(T, H, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(T, H, device=q.device, dtype=torch.float32)
+    out = _alloc(T, H, D, like=q)
+    lse = _alloc(T, H, like=q, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
     block_d, block, _ = _blocks(D)
@@ -449,7 +464,7 @@ def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     """-> dq, dk, dv [T, H, D] contiguous, in q's dtype."""
     q, k, v, dout = _row_view(q), _row_view(k), _row_view(v), _row_view(dout)
     T, H, D = q.shape
-    dq, dk, dv = (torch.empty(T, H, D, device=q.device, dtype=q.dtype) for _ in range(3))
+    dq, dk, dv = (_alloc(T, H, D, like=q) for _ in range(3))
     if dq.numel() == 0:
         return dq, dk, dv
     delta = (out.float() * dout.float()).sum(-1).contiguous()  # [T, H]

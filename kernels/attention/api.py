@@ -54,7 +54,7 @@ def compact_keys(key_keep: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _empty_masked_out(q: Tensor, num_masks: int) -> Tensor:
-    """[B, M, H, N, D] view of a [B, M, N, H, D] buffer: a layer's [B, M, N, H·D] output is a free reshape."""
+    """The output layout of the kernel (``_triton.masked_out_buffer``): [B, M, H, N, D] view of [B, M, N, H, D]."""
     B, H, N, D = q.shape
     return q.new_empty(B, num_masks, N, H, D).permute(0, 1, 3, 2, 4)
 
@@ -64,11 +64,7 @@ def _masked_fwd(q: Tensor, k: Tensor, v: Tensor, key_idx: Tensor, counts: Tensor
                 ) -> tuple[Tensor, Tensor]:
     from ._triton import masked_key_attention_fwd
 
-    B, H, N, _ = q.shape
-    out = _empty_masked_out(q, key_idx.shape[1])
-    lse = torch.empty(B, key_idx.shape[1], H, N, device=q.device, dtype=torch.float32)
-    masked_key_attention_fwd(q, k, v, key_idx, counts, scale, out, lse)
-    return out, lse
+    return masked_key_attention_fwd(q, k, v, key_idx, counts, scale)
 
 
 @_masked_fwd.register_fake
