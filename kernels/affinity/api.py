@@ -1,12 +1,80 @@
-"""Public token affinity loss: validate, pick the backend, run."""
+"""Public token affinity loss: validate, pick the backend, run.
+
+The Triton path normalises in PyTorch (so autograd applies the normalisation's Jacobian, exactly as in the
+reference) and hands x̂ to the custom op ``fastwsss::token_affinity_sums``, whose kernels return the four pair sums
+(Σ_P s, |P|, Σ_Nn s, |Nn|) and, in the backward, ∂/∂x̂ — never an N×N matrix.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import resolve_backend
+from .._backend import device_reasons, resolve_backend
 from .reference import token_affinity_loss_reference
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("fastwsss::token_affinity_sums", mutates_args=())
+def token_affinity_sums(xhat: Tensor, labels: Tensor, absolute: bool, ignore_index: int) -> Tensor:
+    """xhat [B, N, D] fp32 contiguous, labels [B, N] int32 -> [Σ_P s, |P|, Σ_Nn s, |Nn|] float64 (Triton)."""
+    from . import _triton
+
+    return _triton.token_affinity_sums(xhat, labels, absolute, ignore_index)
+
+
+@token_affinity_sums.register_fake
+def _(xhat, labels, absolute, ignore_index):
+    return xhat.new_empty(4, dtype=torch.float64)
+
+
+@torch.library.custom_op("fastwsss::token_affinity_sums_backward", mutates_args=())
+def token_affinity_sums_backward(grad: Tensor, xhat: Tensor, labels: Tensor, absolute: bool,
+                                 ignore_index: int) -> Tensor:
+    """grad [4] of the sums -> ∂/∂xhat [B, N, D] fp32 (Triton)."""
+    from . import _triton
+
+    return _triton.token_affinity_sums_backward(grad, xhat, labels, absolute, ignore_index)
+
+
+@token_affinity_sums_backward.register_fake
+def _(grad, xhat, labels, absolute, ignore_index):
+    return torch.empty_like(xhat)
+
+
+def _setup_context(ctx, inputs, output):
+    xhat, labels, absolute, ignore_index = inputs
+    ctx.save_for_backward(xhat, labels)
+    ctx.absolute, ctx.ignore_index = absolute, ignore_index
+
+
+def _backward(ctx, grad):
+    xhat, labels = ctx.saved_tensors
+    dx = token_affinity_sums_backward(grad, xhat, labels, ctx.absolute, ctx.ignore_index) \
+        if ctx.needs_input_grad[0] else None
+    return dx, None, None, None
+
+
+token_affinity_sums.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_reasons(feats: Tensor, labels: Tensor) -> list[str]:
+    """Why the Triton path cannot take these inputs ([] = it can)."""
+    reasons = device_reasons(feats, labels)
+    if feats.dtype not in _TRITON_DTYPES:
+        reasons.append(f"feats dtype {feats.dtype} (the kernels compute in float32; the reference runs {feats.dtype})")
+    if feats.numel() == 0:
+        reasons.append(f"empty feats {tuple(feats.shape)}")
+    return reasons
+
+
+def _token_affinity_loss_triton(feats: Tensor, labels: Tensor, absolute: bool, ignore_index: int) -> Tensor:
+    xhat = F.normalize(feats.float(), p=2, dim=-1, eps=1e-8).contiguous()  # [B, N, D] fp32, as the reference
+    sums = token_affinity_sums(xhat, labels.to(torch.int32).contiguous(), absolute, ignore_index)
+    sp, n_p, sn, n_n = sums.unbind()
+    return (0.5 * (1 - sp / (n_p + 1)) + 0.5 * sn / (n_n + 1)).to(feats.dtype)
 
 
 def token_affinity_loss(feats: Tensor, labels: Tensor, absolute: bool = True, ignore_index: int = 255,
@@ -26,5 +94,6 @@ def token_affinity_loss(feats: Tensor, labels: Tensor, absolute: bool = True, ig
         raise ValueError(f"{op}: labels must be [B, N] = {tuple(feats.shape[:2])}, got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{op}: labels must be an integer tensor, got {labels.dtype}")
-    resolve_backend(backend, op, [f"no Triton kernel for {op} yet"])
+    if resolve_backend(backend, op, triton_reasons(feats, labels)) == "triton":
+        return _token_affinity_loss_triton(feats, labels, absolute, ignore_index)
     return token_affinity_loss_reference(feats, labels, absolute, ignore_index)

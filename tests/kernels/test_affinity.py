@@ -108,18 +108,22 @@ def test_low_precision_in_same_dtype_out(dtype):
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(2, 16, 8, generator=g).to(dtype).requires_grad_()
     labels = torch.randint(0, 4, (2, 16), generator=g)
-    loss = token_affinity_loss(feats, labels)
+    loss = token_affinity_loss(feats, labels, backend="torch")
     assert loss.dtype == dtype and loss.shape == ()
-    torch.testing.assert_close(loss, token_affinity_loss(feats.detach().float(), labels).to(dtype), rtol=0, atol=0)
+    want = token_affinity_loss(feats.detach().float(), labels, backend="torch").to(dtype)
+    torch.testing.assert_close(loss, want, rtol=0, atol=0)
     loss.backward()
     assert feats.grad.dtype == dtype and torch.isfinite(feats.grad).all()
 
 
 def test_backend_dispatch():
     feats, labels = torch.randn(1, 4, 3), torch.tensor([[0, 1, 1, 255]])
-    assert token_affinity_loss(feats, labels, backend="torch") == token_affinity_loss(feats, labels, backend="auto")
-    with pytest.raises(ValueError, match="no Triton kernel for token_affinity_loss yet"):
-        token_affinity_loss(feats, labels, backend="triton")
+    torch.testing.assert_close(token_affinity_loss(feats, labels, backend="torch"),
+                               token_affinity_loss(feats, labels, backend="auto"))
+    # float64 is the reference's exact mode: auto falls back silently, an explicit triton lists every reason
+    assert token_affinity_loss(feats.double(), labels, backend="auto").dtype == torch.float64
+    with pytest.raises(ValueError, match="cannot take these inputs: feats dtype torch.float64.*; empty feats"):
+        token_affinity_loss(feats.double()[:, :0], labels[:, :0], backend="triton")
     with pytest.raises(ValueError, match="backend='cuda' is not one of"):
         token_affinity_loss(feats, labels, backend="cuda")
 
@@ -131,3 +135,156 @@ def test_bad_inputs_fail_clearly():
         token_affinity_loss(torch.randn(1, 4, 3), torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(TypeError, match="integer"):
         token_affinity_loss(torch.randn(1, 4, 3), torch.zeros(1, 4))
+
+
+# ------------------------------------------------------------------------------------- Triton kernels vs reference
+# Under TRITON_INTERPRET=1 (tests/conftest.py) these run the kernels on CPU; on a GPU, with real Triton.
+# The kernels and the reference both compute in fp32 from the same (possibly rounded) inputs, so the tolerances only
+# cover summation order in fp32 and, for half dtypes, one ulp of the output rounding: (rtol, atol) per dtype.
+TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 8e-3)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The Triton module, with fresh outputs NaN-filled so an unwritten element cannot pass."""
+    pytest.importorskip("triton")
+    try:
+        from fastwsss.kernels.affinity import _triton
+    except ModuleNotFoundError:
+        from kernels.affinity import _triton
+    monkeypatch.setattr(_triton, "NAN_FILL", True)
+    return _triton
+
+
+def check(out, ref, rtol, atol, what):
+    """assert_close with a message naming the count of bad elements, the worst index, ref and out there."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    bad = ~torch.isclose(out, ref, rtol=rtol, atol=atol) | out.isnan()
+    if bad.any():
+        err = ((out - ref).abs() - rtol * ref.abs()).nan_to_num(float("inf"))
+        worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape)) if err.ndim else ()
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; worst at {worst}: "
+                             f"ref {ref[worst].item():.8g}, out {out[worst].item():.8g} (rtol {rtol}, atol {atol})")
+
+
+def make_case(B, N, D, dtype, seed=0, shared=0.0, num_labels=4, device=DEVICE):
+    """feats [B, N, D] (+ `shared`·one common direction, as ViT tokens have: keeps every |cos| away from 0, where
+    |·|'s subgradient flips on rounding), labels [B, N] with ~1/(num_labels+1) ignored."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, N, D, generator=g) + shared * torch.randn(D, generator=g)
+    labels = torch.randint(0, num_labels + 1, (B, N), generator=g)
+    labels[labels == num_labels] = 255
+    return feats.to(device=device, dtype=dtype), labels.to(device)
+
+
+def parity(feats, labels, absolute=True, grad=True):
+    """Triton loss and gradient against the reference's autograd on the same inputs."""
+    rtol, atol = TOL[feats.dtype]
+    f1, f2 = feats.clone().requires_grad_(grad), feats.clone().requires_grad_(grad)
+    out = token_affinity_loss(f1, labels, absolute=absolute, backend="triton")
+    ref = token_affinity_loss(f2, labels, absolute=absolute, backend="torch")
+    assert out.dtype == ref.dtype == feats.dtype and out.shape == ()
+    check(out, ref, rtol, atol, "loss")
+    if grad:
+        out.backward()
+        ref.backward()
+        assert f1.grad.dtype == feats.dtype
+        scale = f2.grad.abs().max().item()  # gradients are ~w·√N small: tolerance relative to their size
+        check(f1.grad, f2.grad, rtol, rtol * scale + 1e-30, "grad")
+
+
+CASES = [  # (B, N, D, shared, absolute); the larger sizes run one sign mode only (interpreter time)
+    pytest.param(2, 10, 8, 0.0, True, id="B2-N10-D8-tiny-abs"),
+    pytest.param(2, 10, 8, 0.0, False, id="B2-N10-D8-tiny-cos"),
+    pytest.param(3, 1, 4, 0.0, True, id="B3-N1-D4-one-token"),
+    pytest.param(2, 150, 40, 0.0, True, id="B2-N150-D40-ragged-abs"),  # N, D not multiples of any block size
+    pytest.param(2, 150, 40, 0.0, False, id="B2-N150-D40-ragged-cos"),
+    pytest.param(1, 200, 768, 1.0, True, id="B1-N200-D768-vit"),
+    pytest.param(1, 784, 64, 1.0, True, id="B1-N784-D64-grid28"),  # the 28×28 token grid of a 448 crop
+]
+
+
+@pytest.mark.parametrize("B, N, D, shared, absolute", CASES)
+def test_triton_matches_reference(kernels, B, N, D, shared, absolute):
+    parity(*make_case(B, N, D, torch.float32, shared=shared), absolute=absolute)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_half_inputs(kernels, dtype):
+    """The kernels read fp32 x̂ normalised from the rounded inputs (no bf16 arithmetic, so the interpreter is exact)."""
+    parity(*make_case(2, 70, 24, dtype, seed=1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [784, 1764])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_triton_real_shapes_gpu(N, dtype):
+    """ViT-B/16 tokens of a 448 crop (28² = 784) and of 672 (42² = 1764), D 768, batch 4."""
+    parity(*make_case(4, N, 768, dtype, seed=2, shared=1.0))
+    parity(*make_case(2, N, 768, dtype, seed=3), absolute=False)
+
+
+def test_triton_edge_cases(kernels):
+    feats = make_case(2, 37, 16, torch.float32)[0]
+    # every pair ignored: L = 0.5 and a zero gradient
+    f = feats.clone().requires_grad_()
+    loss = token_affinity_loss(f, torch.full((2, 37), 255, device=DEVICE), backend="triton")
+    loss.backward()
+    assert loss.item() == 0.5 and (f.grad == 0).all()
+    # no positive pair (all labels distinct within each image), and only positive pairs (one label)
+    distinct = torch.arange(37, device=DEVICE).expand(2, 37).contiguous()
+    parity(feats, distinct)
+    parity(feats, torch.zeros(2, 37, dtype=torch.long, device=DEVICE))
+    # the hand-computed case, int32 / uint8 labels, another ignore_index
+    torch.testing.assert_close(token_affinity_loss(HAND.to(DEVICE), torch.tensor([[1, 1, 2]], dtype=torch.int32,
+                                                   device=DEVICE), backend="triton").cpu(), torch.tensor(0.46))
+    labels = torch.tensor([[1, 1, 2, 9]], dtype=torch.uint8, device=DEVICE)
+    feats4 = torch.cat([HAND, torch.tensor([[[7.0, -1.0]]])], dim=1).to(DEVICE)
+    torch.testing.assert_close(token_affinity_loss(feats4, labels, ignore_index=9, backend="triton").cpu(),
+                               torch.tensor(0.46))
+
+
+def test_triton_zero_vector_gradient(kernels):
+    """‖x‖ < eps: the gradient is u / eps, as through F.normalize's clamp (a large but finite value)."""
+    feats = torch.tensor([[[0.0, 0.0], [1.0, 2.0], [3.0, -1.0], [1e-9, 0.0]]], device=DEVICE)
+    parity(feats, torch.tensor([[0, 0, 1, 1]], device=DEVICE))
+
+
+def test_triton_is_deterministic_and_non_contiguous(kernels):
+    feats, labels = make_case(2, 140, 32, torch.float32, seed=4)
+    wide = feats.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, D] view with D-stride 1 ≠ contiguous
+    outs = []
+    for _ in range(2):
+        f = wide.clone().requires_grad_()
+        loss = token_affinity_loss(f, labels, backend="triton")
+        loss.backward()
+        outs.append((loss, f.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    parity(wide, labels)
+
+
+def test_custom_op_passes_opcheck(kernels):
+    from torch.library import opcheck
+
+    feats, labels = make_case(2, 20, 8, torch.float32, seed=5)
+    xhat = torch.nn.functional.normalize(feats, dim=-1).requires_grad_()
+    lab = labels.to(torch.int32)
+    opcheck(torch.ops.fastwsss.token_affinity_sums.default, (xhat, lab, True, 255))
+    opcheck(torch.ops.fastwsss.token_affinity_sums.default, (xhat.detach(), lab, False, 255))
+    grad = torch.tensor([1.0, 0.0, -2.0, 0.0], dtype=torch.float64, device=DEVICE)
+    opcheck(torch.ops.fastwsss.token_affinity_sums_backward.default, (grad, xhat.detach(), lab, True, 255))
+
+
+def test_triton_under_torch_compile(kernels):
+    """fullgraph capture through the custom op (aot_eager: the graph, without inductor's ~30 s CPU compile)."""
+    feats, labels = make_case(2, 20, 8, torch.float32, seed=6)
+    f1, f2 = feats.clone().requires_grad_(), feats.clone().requires_grad_()
+    fn = torch.compile(lambda f: token_affinity_loss(f, labels, backend="triton"), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(f1)
+    out.backward()
+    ref = token_affinity_loss(f2, labels, backend="torch")
+    ref.backward()
+    check(out, ref, 1e-5, 1e-6, "loss")
+    check(f1.grad, f2.grad, 1e-5, 1e-5 * f2.grad.abs().max().item(), "grad")
