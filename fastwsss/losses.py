@@ -61,10 +61,10 @@ class _GatedCRFLoss(torch.autograd.Function):
     reference: dL/dP = -2 AS / B ⊙ ROI, or the exact -(gate·K(S) + K(gate·S)) / B ⊙ ROI."""
 
     @staticmethod
-    def forward(ctx, probs, features, roi, gate, exact_grad):
+    def forward(ctx, probs, features, roi, gate, exact_grad, backend="auto"):
         from fastwsss.kernels import PermutohedralLattice
 
-        lattice = PermutohedralLattice(features)
+        lattice = PermutohedralLattice(features, backend=backend)
         seg = probs * roi
         AS = gate * lattice.filter(seg)
         ctx.save_for_backward(roi, gate, AS, seg if exact_grad else None)
@@ -79,15 +79,16 @@ class _GatedCRFLoss(torch.autograd.Function):
             g = -(AS + ctx.lattice.filter(gate * seg, reverse=True)) / B * roi
         else:
             g = -2.0 * AS / B * roi
-        return grad * g, None, None, None, None
+        return grad * g, None, None, None, None, None
 
 
 def reg_loss(seg_logits: torch.Tensor, images: torch.Tensor, img_box: torch.Tensor, seg_label: torch.Tensor, *,
-             sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale: float = 0.5, exact_grad: bool = False
-             ) -> torch.Tensor:
+             sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale: float = 0.5, exact_grad: bool = False,
+             backend: str = "auto") -> torch.Tensor:
     """Gated dense-CRF regularisation (SPEC §7.6). ``seg_logits`` [B, C, H, W] at image size, ``images`` [B, 3, H, W]
     in 0..255, ``img_box`` [B, 4], ``seg_label`` [B, H, W] (255 = ignore). Everything is scaled by ``scale`` (image,
-    ROI and label nearest, probabilities bilinear); σ_xy is scaled with it."""
+    ROI and label nearest, probabilities bilinear); σ_xy is scaled with it. ``backend`` picks the lattice filter's
+    implementation (``fastwsss.kernels.PermutohedralLattice``)."""
     H, W = seg_logits.shape[-2:]
     size = (int(H * scale), int(W * scale))
     probs = F.interpolate(seg_logits.float().softmax(1), size=size, mode="bilinear", align_corners=False)
@@ -97,4 +98,4 @@ def reg_loss(seg_logits: torch.Tensor, images: torch.Tensor, img_box: torch.Tens
     img = F.interpolate(images.float(), size=size, mode="nearest")
     gate = (roi - probs.amax(1, keepdim=True)).masked_fill(label == IGNORE_INDEX, 1.0).clamp_min(0.0)
     features = bilateral_features(img, sigma_rgb, sigma_xy * scale)
-    return 1e-7 * _GatedCRFLoss.apply(probs, features, roi, gate.detach(), exact_grad)
+    return 1e-7 * _GatedCRFLoss.apply(probs, features, roi, gate.detach(), exact_grad, backend)
