@@ -133,7 +133,7 @@ class QuirkConfig:
 
 @dataclass
 class KernelConfig:
-    backend: str = "auto"  # auto | torch | triton, for every fused op (PAR, affinity loss, lattice filter)
+    backend: str = "auto"  # auto | torch | triton, for every fused op (PAR, affinity loss, lattice, MCC attention)
 
 
 @dataclass
