@@ -4,12 +4,58 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
-from .reference import DEFAULT_DILATIONS, par_affinity_reference, par_propagate_reference, par_reference
+from .._backend import device_reasons, resolve_backend
+from .reference import DEFAULT_DILATIONS, _resize, par_affinity_reference, par_propagate_reference, par_reference
 
-_NO_KERNEL = "no Triton kernel for {} yet"
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("fastwsss::par_affinity", mutates_args=())
+def _par_affinity_op(images: Tensor, dilations: list[int], w1: float, w2: float) -> Tensor:
+    """images [B, C, h, w] fp32 contiguous -> A [B, 8·L, h, w] fp32 (Triton)."""
+    from . import _triton
+
+    return _triton.par_affinity(images, dilations, w1, w2)
+
+
+@_par_affinity_op.register_fake
+def _(images, dilations, w1, w2):
+    b, _, h, w = images.shape
+    return images.new_empty(b, 8 * len(dilations), h, w)
+
+
+@torch.library.custom_op("fastwsss::par_propagate", mutates_args=())
+def _par_propagate_op(affinity: Tensor, masks: Tensor, dilations: list[int], num_iter: int) -> Tensor:
+    """affinity [B, 8·L, h, w], masks [B, K, h, w], both fp32 contiguous -> [B, K, h, w] fp32 (Triton)."""
+    from . import _triton
+
+    return _triton.par_propagate(affinity, masks, dilations, num_iter)
+
+
+@_par_propagate_op.register_fake
+def _(affinity, masks, dilations, num_iter):
+    return torch.empty_like(masks)
+
+
+def triton_reasons(*tensors: Tensor) -> list[str]:
+    """Why the Triton PAR cannot take these inputs ([] = it can). The kernels are forward-only: training runs PAR
+    under no_grad, and where a gradient is wanted the reference (differentiable) runs instead."""
+    reasons = device_reasons(*tensors)
+    for t in tensors:
+        if t.dtype not in _TRITON_DTYPES:
+            reasons.append(f"dtype {t.dtype} (the kernels compute in float32; the reference runs {t.dtype})")
+        if t.numel() == 0:
+            reasons.append(f"empty input {tuple(t.shape)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        reasons.append("inputs require grad (the Triton PAR is forward-only; the reference is differentiable)")
+    return reasons
+
+
+def _fp32(x: Tensor) -> Tensor:
+    return x.to(torch.float32).contiguous()
 
 
 def _check_dilations(op: str, dilations: Sequence[int]) -> None:
@@ -40,7 +86,8 @@ def par_affinity(images: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS, w
     op = "par_affinity"
     _check_4d(op, "images", images)
     _check_dilations(op, dilations)
-    resolve_backend(backend, op, [_NO_KERNEL.format(op)])
+    if resolve_backend(backend, op, triton_reasons(images)) == "triton":
+        return _par_affinity_op(_fp32(images), list(dilations), float(w1), float(w2)).to(images.dtype)
     return par_affinity_reference(images, dilations, w1, w2)
 
 
@@ -62,7 +109,9 @@ def par_propagate(affinity: Tensor, masks: Tensor, dilations: Sequence[int] = DE
                          f"{8 * len(dilations)}")
     if masks.shape[0] != affinity.shape[0]:
         raise ValueError(f"{op}: batch sizes differ: affinity {affinity.shape[0]}, masks {masks.shape[0]}")
-    resolve_backend(backend, op, [_NO_KERNEL.format(op)])
+    if resolve_backend(backend, op, triton_reasons(affinity, masks)) == "triton":
+        out = _fp32(_resize(masks.to(torch.float32), tuple(affinity.shape[-2:])))
+        return _par_propagate_op(_fp32(affinity), out, list(dilations), num_iter).to(masks.dtype)
     return par_propagate_reference(affinity, masks, dilations, num_iter)
 
 
@@ -80,5 +129,8 @@ def par(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATI
     _check_num_iter(op, num_iter)
     if masks.shape[0] != images.shape[0]:
         raise ValueError(f"{op}: batch sizes differ: images {images.shape[0]}, masks {masks.shape[0]}")
-    resolve_backend(backend, op, [_NO_KERNEL.format(op)])
+    if resolve_backend(backend, op, triton_reasons(images, masks)) == "triton":
+        aff = _par_affinity_op(_fp32(images), list(dilations), float(w1), float(w2))
+        out = _fp32(_resize(masks.to(torch.float32), tuple(images.shape[-2:])))
+        return _par_propagate_op(aff, out, list(dilations), num_iter).to(masks.dtype)
     return par_reference(images, masks, dilations, num_iter, w1, w2)

@@ -165,10 +165,11 @@ def test_channels_are_refined_independently():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_in_same_dtype_out(dtype):
     images, masks = rand(1, 3, 14, 15, dtype=dtype), rand(1, 3, 7, 8, dtype=dtype, seed=10)
-    out = par(images, masks)
-    assert out.dtype == dtype and par_affinity(images).dtype == dtype
-    assert par_propagate(par_affinity(images), masks).dtype == dtype
-    want = par(images.float(), masks.float())  # same rounded inputs, computed in fp32: only the output rounding differs
+    out = par(images, masks, backend="torch")
+    assert out.dtype == dtype and par_affinity(images, backend="torch").dtype == dtype
+    assert par_propagate(par_affinity(images, backend="torch"), masks, backend="torch").dtype == dtype
+    # same rounded inputs, computed in fp32: only the output rounding differs
+    want = par(images.float(), masks.float(), backend="torch")
     torch.testing.assert_close(out.float(), want.to(dtype).float(), rtol=0, atol=0)
 
 
@@ -178,8 +179,10 @@ def test_low_precision_in_same_dtype_out(dtype):
     (par_propagate, lambda: (rand(1, 48, 4, 4), rand(1, 1, 4, 4))),
 ])
 def test_backend_dispatch(op, args):
+    # float64 is the reference's exact mode: auto falls back to it silently; explicit triton lists the reasons
     torch.testing.assert_close(op(*args(), backend="torch"), op(*args(), backend="auto"), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=f"no Triton kernel for {op.__name__} yet"):
+    with pytest.raises(ValueError, match=f"{op.__name__}: the Triton backend cannot take these inputs: dtype "
+                                         "torch.float64"):
         op(*args(), backend="triton")
     with pytest.raises(ValueError, match="backend='cuda' is not one of"):
         op(*args(), backend="cuda")
@@ -205,3 +208,149 @@ def test_gradcheck_float64():
     # the image path (std, softmax) is costlier to check element by element: a random projection suffices
     assert torch.autograd.gradcheck(lambda i: par(i, masks.detach(), dilations=(1, 2), num_iter=2), (images,),
                                     fast_mode=True)
+
+
+# ------------------------------------------------------------------------------------- Triton kernels vs reference
+# Under TRITON_INTERPRET=1 (tests/conftest.py) these run the kernels on CPU; on a GPU, with real Triton. Kernels and
+# reference compute in fp32 from the same (possibly rounded) inputs, so the tolerances cover fp32 summation order
+# (values are O(1)) and, for half dtypes, one ulp of the output rounding: (rtol, atol) per dtype.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The Triton module, with fresh outputs (ping-pong buffers included) NaN-filled: an unwritten element fails."""
+    pytest.importorskip("triton")
+    try:
+        from fastwsss.kernels.par import _triton
+    except ModuleNotFoundError:
+        from kernels.par import _triton
+    monkeypatch.setattr(_triton, "NAN_FILL", True)
+    return _triton
+
+
+def check(out, ref, rtol, atol, what):
+    """assert_close with a message naming the count of bad elements, the worst index, ref and out there."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, (what, out.shape, ref.shape)
+    bad = ~torch.isclose(out, ref, rtol=rtol, atol=atol, equal_nan=True)
+    if bad.any():
+        err = ((out - ref).abs() - rtol * ref.abs()).nan_to_num(float("inf"))
+        worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; worst at {worst}: "
+                             f"ref {ref[worst].item():.8g}, out {out[worst].item():.8g} (rtol {rtol}, atol {atol})")
+
+
+def case(B, K, h, w, mask_hw=None, dtype=torch.float32, seed=0):
+    """images [B, 3, h, w] in [0, 1] (a smooth gradient plus noise: varied σ_I), masks [B, K, mask_hw] in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0, 1, w).expand(B, 3, h, w)
+    images = (0.6 * ramp + 0.4 * torch.rand(B, 3, h, w, generator=g)).clamp(0, 1)
+    masks = torch.rand(B, K, *(mask_hw or (h, w)), generator=g)
+    return images.to(DEVICE, dtype), masks.to(DEVICE, dtype)
+
+
+def par_parity(images, masks, dilations=DEFAULT_DILATIONS, num_iter=10):
+    rtol, atol = TOL[masks.dtype]
+    out = par(images, masks, dilations, num_iter, backend="triton")
+    ref = par(images, masks, dilations, num_iter, backend="torch")
+    assert out.dtype == masks.dtype and out.device == masks.device
+    check(out, ref, rtol, atol, "par")
+    return out
+
+
+@pytest.mark.parametrize("B, C, h, w, dilations", [
+    pytest.param(2, 3, 17, 23, DEFAULT_DILATIONS, id="B2-17x23-d24-all-clamped"),
+    pytest.param(1, 3, 5, 6, (1, 2), id="B1-5x6-d2-border-everywhere"),
+    pytest.param(1, 1, 12, 9, (1, 3, 5), id="B1-C1-12x9-d5"),
+])
+def test_triton_affinity_matches_reference(kernels, B, C, h, w, dilations):
+    images = case(B, 1, h, w)[0][:, :C].contiguous()
+    out = par_affinity(images, dilations, backend="triton")
+    check(out, par_affinity(images, dilations, backend="torch"), 1e-5, 1e-6, "affinity")
+    check(out.sum(1), torch.full((B, h, w), 1.01), 1e-6, 1e-6, "affinity sums to 1 + w2")
+
+
+@pytest.mark.parametrize("B, K, h, w, mask_hw, num_iter", [
+    pytest.param(2, 3, 17, 23, (5, 7), 10, id="B2-K3-17x23-lowres-masks-it10"),
+    pytest.param(1, 1, 9, 10, None, 10, id="B1-K1-9x10-it10"),
+    pytest.param(2, 21, 24, 28, (12, 14), 3, id="B2-K21-24x28-it3"),  # K not a multiple of the channel block
+    pytest.param(1, 2, 8, 8, None, 1, id="B1-K2-8x8-it1"),  # odd / even / no rounds: the ping-pong buffers
+    pytest.param(1, 2, 8, 8, None, 2, id="B1-K2-8x8-it2"),
+    pytest.param(1, 2, 8, 8, (3, 3), 0, id="B1-K2-8x8-it0"),
+    pytest.param(1, 2, 224, 224, (14, 14), 2, id="B1-K2-224x224-it2"),  # the real size (2 rounds: interpreter time)
+])
+def test_triton_par_matches_reference(kernels, B, K, h, w, mask_hw, num_iter):
+    par_parity(*case(B, K, h, w, mask_hw, seed=K), num_iter=num_iter)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_half_inputs(kernels, dtype):
+    """Half inputs are read once into fp32 (no half arithmetic: the interpreter is exact); the affinity is never
+    rounded inside `par`; `par_affinity` / `par_propagate` keep the reference's dtype contract."""
+    images, masks = case(2, 3, 14, 15, (7, 8), dtype=dtype, seed=10)
+    par_parity(images, masks, num_iter=4)
+    aff = par_affinity(images, backend="triton")
+    assert aff.dtype == dtype
+    check(aff, par_affinity(images, backend="torch"), *TOL[dtype], "affinity")
+    out = par_propagate(aff, masks, num_iter=4, backend="triton")
+    check(out, par_propagate(aff, masks, num_iter=4, backend="torch"), *TOL[dtype], "propagate")
+
+
+def test_triton_skips_zero_channels_per_image(kernels):
+    """refine_seg_label zeroes the absent classes of each image: each image has its own valid channels. Zero channels
+    stay exactly zero, the others match the reference, and a NaN channel propagates as in the reference."""
+    images, masks = case(3, 5, 13, 16, seed=3)
+    present = torch.tensor([[1, 0, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool, device=DEVICE)
+    masks = masks * present[:, :, None, None]
+    out = par_parity(images, masks, num_iter=3)
+    assert (out[~present] == 0).all()
+    masks[1, 2, 4, 5] = float("nan")
+    par_parity(images, masks, num_iter=3)
+
+
+def test_triton_constant_image(kernels):
+    """σ_I = 0: κ_I = 0 for every neighbour, no NaN; a constant mask c comes out as c·1.01^num_iter."""
+    images = torch.full((2, 3, 6, 7), 0.4, device=DEVICE)
+    aff = par_affinity(images, backend="triton")
+    check(aff, par_affinity(images, backend="torch"), 1e-6, 1e-7, "affinity")
+    out = par(images, torch.full((2, 2, 6, 7), 2.0, device=DEVICE), num_iter=3, backend="triton")
+    check(out, torch.full_like(out, 2.0 * 1.01**3), 1e-5, 0, "constant mask")  # 48-term fp32 sums
+
+
+def test_triton_is_deterministic(kernels):
+    images, masks = case(1, 2, 11, 12, seed=4)
+    assert torch.equal(par(images, masks, num_iter=3, backend="triton"), par(images, masks, num_iter=3,
+                                                                              backend="triton"))
+
+
+def test_triton_gradients_fall_back(kernels):
+    """The kernels are forward-only: auto takes the (differentiable) reference when a gradient is wanted, under
+    no_grad it takes the kernels; an explicit triton lists the reason."""
+    images, masks = case(1, 2, 6, 7, seed=5)
+    masks.requires_grad_()
+    with pytest.raises(ValueError, match="require grad"):
+        par(images, masks, num_iter=2, backend="triton")
+    par(images, masks, num_iter=2).sum().backward()
+    assert masks.grad is not None and torch.isfinite(masks.grad).all()
+    with torch.no_grad():
+        par(images, masks, num_iter=2, backend="triton")
+
+
+def test_custom_ops_pass_opcheck(kernels):
+    from torch.library import opcheck
+
+    images, masks = case(1, 2, 6, 7, seed=6)
+    opcheck(torch.ops.fastwsss.par_affinity.default, (images, [1, 2], 0.3, 0.01))
+    aff = par_affinity(images, (1, 2), backend="torch")
+    opcheck(torch.ops.fastwsss.par_propagate.default, (aff, masks, [1, 2], 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [1, 2, 3, 8, 21, 42])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_triton_real_shapes_gpu(K, dtype):
+    """PAR at 224² (ToCo's down-scaled 448 crop), batch 4, masks at 28² or full size, 10 rounds."""
+    par_parity(*case(4, K, 224, 224, (28, 28), dtype=dtype, seed=K))
+    par_parity(*case(4, K, 224, 224, dtype=dtype, seed=K + 100))

@@ -1,0 +1,174 @@
+"""Triton kernels of PAR: the 8·L-neighbour image affinity (once per image) and one propagation round per launch.
+
+Neighbours are read through clamped coordinates (= replicate padding, for any dilation); no neighbour stack and no
+padded copy is ever built. The only module of the op that imports triton. Derivation and memory cost: README.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._backend import INTERPRET
+from .reference import neighbour_offsets, position_term
+
+# Set by the tests: fresh outputs are filled with NaN so that an element a kernel forgets to write cannot pass.
+NAN_FILL = False
+_EPS = 1e-8
+
+
+def _empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    if NAN_FILL:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device)
+    return torch.empty(shape, dtype=torch.float32, device=like.device)
+
+
+@triton.jit
+def _neighbour(off_ptr, k, y, x, H, W):
+    """Flat index of neighbour k of pixels (y, x), coordinates clamped to the image (replicate padding)."""
+    dy = tl.load(off_ptr + 2 * k)
+    dx = tl.load(off_ptr + 2 * k + 1)
+    yy = tl.minimum(tl.maximum(y + dy, 0), H - 1)
+    xx = tl.minimum(tl.maximum(x + dx, 0), W - 1)
+    return yy * W + xx
+
+
+@triton.jit
+def _kappa(img_ptr, chan, off_ptr, k, y, x, H, W, centre, sigma, w1, m2, cmask, C):
+    """κ_I of neighbour k: mean over colour channels of −(|I_nbr − I| / σ / w1)², σ = σ_I + eps, [BLOCK_P] fp32."""
+    v = tl.load(img_ptr + chan + _neighbour(off_ptr, k, y, x, H, W)[None, :], mask=m2, other=0.0)
+    t = tl.abs(v - centre) / sigma / w1  # the reference's order of operations
+    return -tl.sum(tl.where(cmask[:, None], t * t, 0.0), axis=0) / C
+
+
+@triton.jit
+def par_affinity_fwd_kernel(img_ptr, off_ptr, pos_ptr, aff_ptr, B, C, H, W, w1, eps,
+                            NB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """images [B, C, H, W] fp32 -> A [B, NB, H, W] fp32 = softmax_k(κ_I) + pos (pos = w2·softmax_k(κ_P), [NB]).
+
+    One program = BLOCK_P pixels of the flattened (image, pixel) axis, all colour channels. Four sweeps over the NB
+    neighbours (the gathers hit the cache): mean, unbiased variance (two passes, as torch.std), the online softmax's
+    max and sum, then the write.
+    """
+    HW = H * W
+    g = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = g < B * HW
+    b = g // HW
+    p = g - b * HW
+    y = p // W
+    x = p % W
+    ch = tl.arange(0, BLOCK_C)
+    cmask = ch < C
+    m2 = cmask[:, None] & pmask[None, :]
+    chan = (b[None, :] * C + ch[:, None]) * HW  # [BLOCK_C, BLOCK_P] int64
+    centre = tl.load(img_ptr + chan + p[None, :], mask=m2, other=0.0)
+
+    total = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for k in range(NB):
+        total += tl.load(img_ptr + chan + _neighbour(off_ptr, k, y, x, H, W)[None, :], mask=m2, other=0.0)
+    mean = total / NB
+    sq = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for k in range(NB):
+        v = tl.load(img_ptr + chan + _neighbour(off_ptr, k, y, x, H, W)[None, :], mask=m2, other=0.0)
+        sq += (v - mean) * (v - mean)
+    sigma = tl.sqrt(sq / (NB - 1)) + eps  # flat image: σ_I = 0 -> κ = 0, a uniform softmax
+
+    m = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
+    denom = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for k in range(NB):
+        kap = _kappa(img_ptr, chan, off_ptr, k, y, x, H, W, centre, sigma, w1, m2, cmask, C)
+        m_new = tl.maximum(m, kap)
+        denom = denom * tl.exp(m - m_new) + tl.exp(kap - m_new)
+        m = m_new
+    out = aff_ptr + b * NB * HW + p
+    for k in range(NB):
+        kap = _kappa(img_ptr, chan, off_ptr, k, y, x, H, W, centre, sigma, w1, m2, cmask, C)
+        tl.store(out + k * HW, tl.exp(kap - m) / denom + tl.load(pos_ptr + k), mask=pmask)
+
+
+@triton.jit
+def par_propagate_fwd_kernel(aff_ptr, src_ptr, dst_ptr, valid_ptr, off_ptr, B, K, H, W, NB: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One round: dst[b, k, p] = Σ_j A[b, j, p] · src[b, k, neighbour_j(p)]. A channel with valid[b, k] = 0 is an
+    all-zero mask: its loads are skipped and 0 is written. A [B, NB, H, W], src / dst [B, K, H, W] fp32, valid
+    [B, K] int8. One program = BLOCK_K channels × BLOCK_P pixels of the flattened (image, pixel) axis."""
+    HW = H * W
+    g = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = g < B * HW
+    b = g // HW
+    p = g - b * HW
+    y = p // W
+    x = p % W
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    smask = (ks < K)[:, None] & pmask[None, :]
+    row = b[None, :] * K + ks[:, None]  # [BLOCK_K, BLOCK_P] int64: (image, channel)
+    lmask = smask & (tl.load(valid_ptr + row, mask=smask, other=0) != 0)
+    chan = row * HW
+    aff = aff_ptr + b * NB * HW + p
+    acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    for k in range(NB):
+        a = tl.load(aff + k * HW, mask=pmask, other=0.0)
+        v = tl.load(src_ptr + chan + _neighbour(off_ptr, k, y, x, H, W)[None, :], mask=lmask, other=0.0)
+        acc += a[None, :] * v
+    tl.store(dst_ptr + chan + p[None, :], acc, mask=smask)
+
+
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _offsets(dilations: Sequence[int], device: torch.device) -> Tensor:
+    """Neighbour offsets [NB, 2] int32 (dy, dx) on the device, cached."""
+    key = ("offsets", tuple(dilations), str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(neighbour_offsets(dilations), dtype=torch.int32, device=device).contiguous()
+    return _CONSTANTS[key]
+
+
+def _position(dilations: Sequence[int], w1: float, w2: float, device: torch.device) -> Tensor:
+    """w2 · softmax_k(κ_P) [NB] fp32 on the device, cached."""
+    key = ("position", tuple(dilations), w1, w2, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = position_term(dilations, w1, w2, torch.float32, device).contiguous()
+    return _CONSTANTS[key]
+
+
+def par_affinity(images: Tensor, dilations: Sequence[int], w1: float, w2: float) -> Tensor:
+    """images [B, C, h, w] fp32 contiguous -> A [B, 8·len(dilations), h, w] fp32."""
+    B, C, H, W = images.shape
+    offsets, pos = _offsets(dilations, images.device), _position(dilations, w1, w2, images.device)
+    nb = offsets.shape[0]
+    aff = _empty((B, nb, H, W), images)
+    bc = triton.next_power_of_2(C)
+    bp = min(triton.next_power_of_2(B * H * W), 65536 if INTERPRET else 256)
+    par_affinity_fwd_kernel[(triton.cdiv(B * H * W, bp),)](images, offsets, pos, aff, B, C, H, W, w1, _EPS, NB=nb,
+                                                           BLOCK_C=bc, BLOCK_P=bp, num_warps=4)
+    return aff
+
+
+def par_propagate(affinity: Tensor, masks: Tensor, dilations: Sequence[int], num_iter: int) -> Tensor:
+    """affinity [B, NB, h, w] fp32, masks [B, K, h, w] fp32 (both contiguous, same h, w) -> [B, K, h, w] fp32.
+
+    Ping-pong between two buffers; the input is never written. Channels that are identically zero (absent classes)
+    are found in one pass and skipped: a batch pays in memory traffic only for each image's valid channels.
+    """
+    B, K, H, W = masks.shape
+    if num_iter == 0:
+        return masks.clone()
+    offsets = _offsets(dilations, masks.device)
+    nb = offsets.shape[0]
+    valid = masks.ne(0).flatten(2).any(-1).to(torch.int8).contiguous()  # [B, K]; NaN counts as valid
+    bk = min(triton.next_power_of_2(K), 64 if INTERPRET else 16)
+    bp = min(triton.next_power_of_2(B * H * W), max(262144 // bk, 1024) if INTERPRET else max(4096 // bk, 128))
+    grid = (triton.cdiv(B * H * W, bp), triton.cdiv(K, bk))
+    bufs = [_empty(masks.shape, masks), _empty(masks.shape, masks) if num_iter > 1 else None]
+    src = masks
+    for it in range(num_iter):
+        dst = bufs[it % 2]
+        par_propagate_fwd_kernel[grid](affinity, src, dst, valid, offsets, B, K, H, W, NB=nb, BLOCK_K=bk, BLOCK_P=bp,
+                                       num_warps=4)
+        src = dst
+    return src
