@@ -1,0 +1,75 @@
+"""The training fast path of the pairwise ops (issue 5, item 4): with ``kernels.backend`` selecting Triton, PAR (the
+segmentation pseudo label) and the token affinity loss run through the kernels — under the interpreter on CPU — and
+a few training steps give the same losses as through the PyTorch references.
+
+The regularisation loss goes through the lattice filter, whose kernels are tested with it; it is off here so that
+this test compares exactly the two ops it is about.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from fastwsss.kernels._backend import INTERPRET
+
+from fastwsss.train import train
+
+pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
+                                reason="Triton needs CUDA or TRITON_INTERPRET=1")
+
+STEPS = 3
+OVERRIDES = [f"train.max_iters={STEPS}", "train.log_interval=1", "train.eval_interval=100", "train.ckpt_interval=100",
+             "loss.aff_start=0", "loss.seg_start=0", "loss.w_reg=0", "contrast.proj_hidden=64",
+             "contrast.proj_bottleneck=16", "contrast.proj_dim=32", "contrast.num_local=3"]
+TERMS = ("cls", "cls_aux", "aff", "seg", "con")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the launches of the Triton PAR and affinity-loss kernels."""
+    from fastwsss.kernels.affinity import _triton as aff_triton
+    from fastwsss.kernels.par import _triton as par_triton
+
+    calls = dict.fromkeys(("par_affinity", "par_propagate", "affinity_sums", "affinity_backward"), 0)
+
+    def counted(module, name, key):
+        fn = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(par_triton, "par_affinity", "par_affinity")
+    counted(par_triton, "par_propagate", "par_propagate")
+    counted(aff_triton, "token_affinity_sums", "affinity_sums")
+    counted(aff_triton, "token_affinity_sums_backward", "affinity_backward")
+    return calls
+
+
+def run(tiny_config, tmp_path, backend: str) -> tuple[list[dict], dict]:
+    result = train(tiny_config("train.method=mcc", *OVERRIDES, f"kernels.backend={backend}",
+                               f"run.dir={tmp_path / backend}"))
+    lines = [json.loads(x) for x in (tmp_path / backend / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "step" in x and "cls" in x], result
+
+
+def test_training_steps_match_through_the_kernels(tiny_config, tmp_path, kernel_calls):
+    ref_steps, ref_result = run(tiny_config, tmp_path, "torch")
+    assert not any(kernel_calls.values())
+    # "auto" is what training uses by default: on CPU under the interpreter (on CUDA natively) it picks Triton
+    steps, result = run(tiny_config, tmp_path, "auto")
+    # every step: one PAR (both background thresholds at once), one loss forward and backward; plus the final eval
+    assert kernel_calls["affinity_sums"] == kernel_calls["affinity_backward"] == STEPS
+    assert kernel_calls["par_affinity"] >= STEPS and kernel_calls["par_propagate"] == kernel_calls["par_affinity"]
+    assert [x["step"] for x in steps] == [x["step"] for x in ref_steps] == list(range(1, STEPS + 1))
+    for got, want in zip(steps, ref_steps, strict=True):
+        for term in TERMS:
+            assert math.isfinite(want[term]) and want[term] != 0, (term, want)
+            # fp32 summation order only; the steps after the first also carry the weights' tiny differences
+            assert got[term] == pytest.approx(want[term], rel=1e-4, abs=1e-6), (got["step"], term, got, want)
+    assert result["pseudo_miou"] == pytest.approx(ref_result["pseudo_miou"], abs=1e-3)
