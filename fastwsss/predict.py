@@ -1,0 +1,117 @@
+"""From a checkpoint to predictions: the model with its own config, multi-scale + flip segmentation logits with the
+VOC and COCO fusion rules (SPEC §10), and the dense-CRF runner configured by ``infer.*``. Shared by
+``fastwsss.infer`` (folders of images) and ``fastwsss.evaluate`` (whole splits)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint
+from .config import Config, ConfigError, InferConfig, load_config
+from .crf import CRFParams, CRFRunner
+from .models import WSSSNet, build_model
+
+log = logging.getLogger("fastwsss")
+
+
+class FusionRule(NamedTuple):
+    resize_first: bool  # resize the image to a fixed square before the scales (COCO: 448)
+    flip: str  # how an image's and its flip's logits are fused: "sum" | "max"
+    scales: str  # how the scales are fused: "sum" | "max"
+
+
+FUSION_RULES = {
+    "voc": FusionRule(resize_first=False, flip="sum", scales="max"),
+    "coco": FusionRule(resize_first=True, flip="max", scales="sum"),
+}
+
+
+def _fuse(a: torch.Tensor, b: torch.Tensor, how: str) -> torch.Tensor:
+    return a + b if how == "sum" else torch.maximum(a, b)
+
+
+@torch.no_grad()
+def multiscale_seg_logits(model: torch.nn.Module, x: torch.Tensor, *, scales: Sequence[float], fusion: str = "voc",
+                          coco_size: int = 448) -> torch.Tensor:
+    """Normalised images [B, 3, H, W] -> fused segmentation logits [B, C, H, W] (float32, at the image size).
+
+    Per scale s: the image (``coco``: first resized to coco_size x coco_size) is resized to int(s*h) x int(s*w) and
+    batched with its horizontal flip; the decoder's logits are resized (bilinear) to (H, W), the flip's are
+    un-flipped, and the pair is fused (``voc``: sum, ``coco``: max); the scales are then fused (``voc``: max,
+    ``coco``: sum). Scale 1.0 is used as is, without a resize.
+    """
+    if fusion not in FUSION_RULES:
+        raise ValueError(f"fusion={fusion!r} is not one of {tuple(FUSION_RULES)}")
+    if not scales:
+        raise ValueError("scales must name at least one scale")
+    rule = FUSION_RULES[fusion]
+    B, _, H, W = x.shape
+    if rule.resize_first:
+        x = F.interpolate(x, size=(coco_size, coco_size), mode="bilinear", align_corners=False)
+    h, w = x.shape[-2:]
+    fused = None
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, size=(int(s * h), int(s * w)), mode="bilinear", align_corners=False)
+        seg = model(torch.cat([xs, xs.flip(-1)])).seg_logits
+        seg = F.interpolate(seg.float(), size=(H, W), mode="bilinear", align_corners=False)
+        pair = _fuse(seg[:B], seg[B:].flip(-1), rule.flip)
+        fused = pair if fused is None else _fuse(fused, pair, rule.scales)
+    return fused
+
+
+def config_from_checkpoint(state: dict, overrides: Sequence[str] = ()) -> Config:
+    """The checkpoint's own config (its YAML text), then ``key=value`` overrides."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(state["config"])
+        f.flush()
+        try:
+            return load_config(f.name, list(overrides))
+        except ConfigError as err:
+            raise ConfigError(f"config stored in checkpoint {state['path']}: {err}") from None
+
+
+def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu"
+               ) -> tuple[WSSSNet, Config, int]:
+    """Checkpoint file (or run directory) -> (model in eval mode on ``device``, its config, its iteration).
+
+    The model is built from the checkpoint's config with no pretrained-weight loading (every weight comes from the
+    checkpoint) and without the contrast projector, which inference never uses."""
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_checkpoint(state, overrides)
+    cfg.model.pretrained = ""
+    model = build_model(cfg.model, cfg.data.num_classes)
+    weights = {k: v for k, v in state["model"].items() if not k.startswith(("proj_head.", "proj_head_t."))}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {state['path']} does not fit the model its config builds: {err}") from None
+    if cfg.train.method == "cam":
+        log.warning("%s was trained with train.method=cam: its segmentation head was never trained, so 'seg' "
+                    "predictions are meaningless (CAM modes and --pseudo are fine)", state["path"])
+    return model.to(device).eval(), cfg, int(state["iteration"])
+
+
+def make_autocast(precision: str, device: torch.device) -> Callable[[], object]:
+    from .train import autocast_dtype
+
+    amp = autocast_dtype(precision, device)
+    return (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+
+
+def crf_params(cfg: InferConfig) -> CRFParams:
+    return CRFParams(iterations=cfg.crf_iterations, gauss_sxy=cfg.crf_gauss_sxy, gauss_compat=cfg.crf_gauss_compat,
+                     bi_sxy=cfg.crf_bi_sxy, bi_srgb=cfg.crf_bi_srgb, bi_compat=cfg.crf_bi_compat)
+
+
+def make_crf_runner(cfg: Config, device: torch.device) -> CRFRunner:
+    i = cfg.infer
+    return CRFRunner(crf_params(i), i.crf_impl, workers=i.crf_workers, device=device, batch_size=i.crf_batch_size,
+                     backend=cfg.kernels.backend)
