@@ -1,4 +1,5 @@
-"""Token affinity loss reference: hand-computed values, a pair-by-pair loop, and the properties callers rely on."""
+"""Token affinity loss: the reference against hand-computed values and a pair-by-pair loop, the properties callers
+rely on, and the Triton kernels (forward and backward) against the reference."""
 
 from __future__ import annotations
 

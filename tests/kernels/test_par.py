@@ -1,5 +1,5 @@
-"""PAR reference: the definition checked against a per-pixel Python loop and a transcription of the original
-(ToCo's materialising module), plus the properties callers rely on."""
+"""PAR: the reference checked against a per-pixel Python loop and a transcription of the original (ToCo's
+materialising module), the properties callers rely on, and the Triton kernels against the reference."""
 
 from __future__ import annotations
 
