@@ -139,7 +139,7 @@ def token_affinity_sums_backward(grad: Tensor, xhat: Tensor, labels: Tensor, abs
     """grad [4] (of the sums; the counts' entries are ignored) -> ∂/∂xhat [B, N, D] fp32."""
     B, N, D = xhat.shape
     bn, bk, bdo, warps = _blocks(D)
-    coef = (2 * grad[[0, 2]]).to(torch.float32).contiguous()  # each unordered pair appears as (i, j) and (j, i)
+    coef = (2 * grad[0::2]).to(torch.float32).contiguous()  # (Σ_P s, Σ_Nn s); each pair appears as (i, j), (j, i)
     dx = _empty((B, N, D), xhat)
     grid = (triton.cdiv(N, bn), triton.cdiv(D, bdo), B)
     token_affinity_bwd_kernel[grid](xhat, labels, coef, dx, N, D, ignore_index, ABSOLUTE=absolute, BLOCK_M=bn,
