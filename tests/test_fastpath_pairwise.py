@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -30,24 +31,28 @@ TERMS = ("cls", "cls_aux", "aff", "seg", "con")
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the launches of the Triton PAR and affinity-loss kernels."""
-    from fastwsss.kernels.affinity import _triton as aff_triton
-    from fastwsss.kernels.par import _triton as par_triton
+    import fastwsss.kernels.affinity._triton
+    import fastwsss.kernels.par._triton  # noqa: F401
 
     calls = dict.fromkeys(("par_affinity", "par_propagate", "affinity_sums", "affinity_backward"), 0)
 
-    def counted(module, name, key):
-        fn = getattr(module, name)
+    def counted(suffix, name, key):
+        # every imported copy: a test that imports the folder as `kernels` as well as `fastwsss.kernels` loads the
+        # package twice, and the custom op then runs the copy imported last
+        for module_name, module in list(sys.modules.items()):
+            if module_name.endswith(suffix):
+                fn = getattr(module, name)
 
-        def wrapper(*args, **kwargs):
-            calls[key] += 1
-            return fn(*args, **kwargs)
+                def wrapper(*args, _fn=fn, **kwargs):
+                    calls[key] += 1
+                    return _fn(*args, **kwargs)
 
-        monkeypatch.setattr(module, name, wrapper)
+                monkeypatch.setattr(module, name, wrapper)
 
-    counted(par_triton, "par_affinity", "par_affinity")
-    counted(par_triton, "par_propagate", "par_propagate")
-    counted(aff_triton, "token_affinity_sums", "affinity_sums")
-    counted(aff_triton, "token_affinity_sums_backward", "affinity_backward")
+    counted(".par._triton", "par_affinity", "par_affinity")
+    counted(".par._triton", "par_propagate", "par_propagate")
+    counted(".affinity._triton", "token_affinity_sums", "affinity_sums")
+    counted(".affinity._triton", "token_affinity_sums_backward", "affinity_backward")
     return calls
 
 
