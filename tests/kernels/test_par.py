@@ -343,13 +343,18 @@ def test_triton_gradients_fall_back(kernels):
         par(images, masks, num_iter=2, backend="triton")
 
 
-def test_custom_ops_pass_opcheck(kernels):
+def test_custom_ops_pass_opcheck_and_compile(kernels):
     from torch.library import opcheck
 
     images, masks = case(1, 2, 6, 7, seed=6)
     opcheck(torch.ops.fastwsss.par_affinity.default, (images, [1, 2], 0.3, 0.01))
     aff = par_affinity(images, (1, 2), backend="torch")
     opcheck(torch.ops.fastwsss.par_propagate.default, (aff, masks, [1, 2], 2))
+    # fullgraph capture through both ops (aot_eager: the graph, without inductor's ~30 s CPU compile)
+    fn = torch.compile(lambda i, m: par(i, m, (1, 2), num_iter=2, backend="triton"), fullgraph=True,
+                       backend="aot_eager")
+    with torch.no_grad():
+        check(fn(images, masks), par(images, masks, (1, 2), num_iter=2, backend="torch"), 1e-5, 1e-5, "compiled")
 
 
 @pytest.mark.gpu
