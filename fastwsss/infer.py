@@ -15,7 +15,7 @@ Output (``<name>`` = the image's path relative to ``--images`` without its suffi
     <out>/masks/<name>.png       class-index palette PNG (VOC colours); written last, so it marks the image done
     <out>/overlays/<name>.png    --overlay: the mask's colours blended over the image
     <out>/logits/<name>.npy|.pt  --logits: fused logits, float16 [C, H, W] at the image size
-    <out>/grid.png               --vis N: image / overlay / CAM heat maps of the predicted classes / mask
+    <out>/grid.png               --vis N: image / mask / overlay / CAM heat maps of the predicted classes
     <out>/summary.json           counts, failures, timing
 
 Resumable: images whose mask exists are skipped (``--overwrite`` redoes them). A corrupt or unreadable image is
@@ -161,8 +161,8 @@ class _Writer:
             tiles, caps = cam_tiles(raw, cams, classes, self.names)
         else:
             tiles, caps = [heatmap(cams.max(0), raw)], ["max CAM"]
-        self.rows.append([raw, overlay(raw, label, ignore_index=IGNORE_INDEX), *tiles, colorize(label)])
-        self.captions.append(["image", "overlay", *caps, "mask"])
+        self.rows.append([raw, colorize(label), overlay(raw, label, ignore_index=IGNORE_INDEX), *tiles])
+        self.captions.append(["image", "mask", "overlay", *caps])
 
     def save_grid(self) -> Path | None:
         if not self.rows:
