@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.lattice import PermutohedralLattice as Lattice
-from kernels.lattice import permutohedral_filter
-from kernels.lattice.reference import PermutohedralLattice, _scale_factors
+from fastwsss.kernels.lattice import PermutohedralLattice as Lattice
+from fastwsss.kernels.lattice import permutohedral_filter
+from fastwsss.kernels.lattice.reference import PermutohedralLattice, _scale_factors
 
 TOL = 1e-4
 
@@ -311,7 +311,7 @@ def test_dtypes(dtype, tol):
 def test_backends():
     """backend="torch" is the reference exactly; "auto" picks Triton where ``kernels._backend`` allows it (CUDA, or
     the interpreter on CPU), else the reference; float64 values and too many features are reasons against it."""
-    from kernels._backend import INTERPRET
+    from fastwsss.kernels._backend import INTERPRET
 
     H, W = 9, 11
     feats = bilateral_features(make_image("noise", H, W, seed=2), 5, 20)
@@ -408,10 +408,10 @@ TRITON_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 @pytest.fixture(autouse=True)
 def _nan_fill(monkeypatch):
     """Every buffer a Triton kernel must write starts as NaN, so an unwritten element cannot pass."""
-    from kernels._backend import HAS_TRITON
+    from fastwsss.kernels._backend import HAS_TRITON
 
     if HAS_TRITON:
-        from kernels.lattice import _triton
+        from fastwsss.kernels.lattice import _triton
 
         monkeypatch.setattr(_triton, "NAN_FILL", True)
 
@@ -438,7 +438,7 @@ def _compare(lat: Lattice, ref: PermutohedralLattice, v: torch.Tensor, what: str
 def test_triton_coordinates_are_the_references():
     """The fused coordinate kernel reproduces densecrf's float32 elevation, half-to-even rounding, rank and
     barycentric weights bit for bit, and finds the same vertices (rounding ties, rank ties, block padding)."""
-    from kernels.lattice._triton import TritonLattice
+    from fastwsss.kernels.lattice._triton import TritonLattice
 
     cases = [bilateral_features(make_image(k, 17, 23, seed=1), sxy, srgb)
              for k, sxy, srgb in (("noise", 50, 15), ("blocks", 1, 1), ("gradient", 2, 5))]
@@ -547,7 +547,7 @@ def test_triton_constant_image_and_constant_features():
 def test_triton_short_segments_and_huge_keys():
     """Splitting rows into pieces of 2 (many levels) gives the same result as pieces of 32; features so large that
     the vertex codes would overflow int64 take the reference's row hash and still filter with Triton."""
-    from kernels.lattice._triton import TritonLattice, lattice_filter
+    from fastwsss.kernels.lattice._triton import TritonLattice, lattice_filter
 
     g = torch.Generator().manual_seed(4)
     feats = (torch.rand(2, 5, 9, 11, generator=g) * 4).to(_device())
@@ -589,7 +589,7 @@ def test_triton_gradients():
 
 def test_triton_custom_op_opcheck():
     """torch.library.opcheck: schema, fake tensor, autograd registration of fastwsss::lattice_filter."""
-    from kernels.lattice.api import _lattice_filter
+    from fastwsss.kernels.lattice.api import _lattice_filter
 
     lat = triton_lattice(bilateral_features(make_image("noise", 4, 5, seed=0), 5, 20))
     v = torch.rand(1, 2, 4, 5, device=_device(), requires_grad=True)
