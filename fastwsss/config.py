@@ -235,15 +235,26 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
+    """A YAML file and, first, the chain of files it names as ``base:`` (relative to itself)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config files include each other: {' -> '.join(map(str, (*seen, path)))}")
+    layer = OmegaConf.load(path)
+    base = layer.pop("base", None)
+    if base is None:
+        return [layer]
+    return [*_yaml_layers(path.parent / str(base), (*seen, path.resolve())), layer]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema defaults <- YAML file (differences only) <- ``key=value`` overrides."""
+    """Schema defaults <- YAML file (differences only; ``base: other.yaml`` layers it on another) <- overrides."""
     schema = OmegaConf.structured(Config)
     layers = [schema]
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        layers.append(OmegaConf.load(path))
+        layers.extend(_yaml_layers(path))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must be key=value, got: {' '.join(bad)}")

@@ -55,3 +55,16 @@ def test_overrides_win_and_yaml_round_trips(tmp_path):
     saved = tmp_path / "resolved.yaml"
     saved.write_text(to_yaml(cfg))
     assert load_config(saved) == cfg
+
+
+def test_base_layers_one_yaml_on_another(tmp_path):
+    mcc, demo = load_config(CONFIGS[0].parent / "demo_mcc.yaml"), load_config(CONFIGS[0].parent / "demo.yaml")
+    assert (mcc.train.method, mcc.data, mcc.model.depth) == ("mcc", demo.data, demo.model.depth)
+    assert mcc.model.decoder_dilation == 2 != demo.model.decoder_dilation
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "c.yaml")
