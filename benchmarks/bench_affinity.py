@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+
 from fastwsss.kernels.affinity import token_affinity_loss
 from fastwsss.kernels.affinity.reference import token_affinity_loss_reference
 

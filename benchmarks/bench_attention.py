@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from fastwsss.data.transforms import random_key_masks
 from fastwsss.kernels.attention import (
     masked_key_attention,
     masked_key_attention_ref,
     varlen_attention,
     varlen_attention_ref,
 )
-
-from fastwsss.data.transforms import random_key_masks
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")

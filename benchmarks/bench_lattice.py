@@ -21,6 +21,7 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from fastwsss.kernels.lattice import PermutohedralLattice
 from fastwsss.kernels.lattice.reference import PermutohedralLattice as ReferenceLattice
 

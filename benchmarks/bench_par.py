@@ -18,6 +18,7 @@ import os
 
 import pytest
 import torch
+
 from fastwsss.kernels.par import par, par_reference
 
 GPU = torch.cuda.is_available()

@@ -128,8 +128,8 @@ def train(cfg: Config) -> dict:
     log.info("data: %s train / %s val images from %s", len(train_items.names), len(val_items.names), cfg.data.root)
 
     c = cfg.contrast
-    projector = None if cfg.train.method == "cam" else dict(
-        out_dim=c.proj_dim, hidden_dim=c.proj_hidden, bottleneck_dim=c.proj_bottleneck)
+    projector = None if cfg.train.method == "cam" else {
+        "out_dim": c.proj_dim, "hidden_dim": c.proj_hidden, "bottleneck_dim": c.proj_bottleneck}
     model = build_model(cfg.model, cfg.data.num_classes, projector).to(device)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -166,7 +166,7 @@ def train(cfg: Config) -> dict:
     previous_handlers = {s: signal.signal(s, lambda *_: stop_requested.append(True))
                          for s in (signal.SIGINT, signal.SIGTERM)}
     stop = min(cfg.train.stop_at or cfg.train.max_iters, cfg.train.max_iters)
-    metrics = open(run_dir / "metrics.jsonl", "a")
+    metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in the loop's finally)
     sums: dict[str, torch.Tensor] = {}
     skipped = 0
     last_eval: dict = {}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import math
 
-import fastwsss.kernels as fk
 import pytest
 
+import fastwsss.kernels as fk
 from fastwsss.train import train
 
 _LATTICE = fk.PermutohedralLattice

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
-from fastwsss.kernels._backend import INTERPRET
 
+from fastwsss.kernels._backend import INTERPRET
 from fastwsss.train import train
 
 pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),

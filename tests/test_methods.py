@@ -218,7 +218,6 @@ def _reg_inputs(seed=0):
 
 def test_reg_loss_value_and_reference_gradient():
     from fastwsss.kernels import PermutohedralLattice
-
     from fastwsss.losses import bilateral_features, reg_loss
 
     logits, images, box, label = _reg_inputs()
@@ -250,7 +249,6 @@ def test_reg_loss_value_and_reference_gradient():
 
 def test_reg_loss_exact_gradient_switch():
     from fastwsss.kernels import PermutohedralLattice
-
     from fastwsss.losses import _GatedCRFLoss, bilateral_features
 
     g = torch.Generator().manual_seed(1)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fastwsss.models import WSSSNet, create_vit, forward_features, load_pretrained, resample_pos_embed
 
-SMALL = dict(img_size=64, patch_size=16, embed_dim=48, depth=4, num_heads=3)
+SMALL = {"img_size": 64, "patch_size": 16, "embed_dim": 48, "depth": 4, "num_heads": 3}
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_heads(vit):
     assert out.cls_logits.shape == (2, 4) and out.seg_logits.shape == (2, 5, 4, 6) and out.feat.shape == (2, 48, 4, 6)
     expected = out.feat.amax((2, 3)) @ net.classifier.weight[:, :, 0, 0].T  # W . maxpool(F)
     torch.testing.assert_close(out.cls_logits, expected, rtol=1e-5, atol=1e-5)
-    cam, cam_aux = net.cams(x)
+    cam, _ = net.cams(x)
     assert cam.shape == (2, 4, 4, 6) and not cam.requires_grad
     torch.testing.assert_close(cam, F.conv2d(out.feat, net.classifier.weight).detach(), rtol=1e-5, atol=1e-5)
     assert net.classifier.bias is None and net.decoder[0].bias is None and net.decoder[4].bias is None

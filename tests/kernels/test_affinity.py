@@ -3,15 +3,12 @@ rely on, and the Triton kernels (forward and backward) against the reference."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
-try:
-    from fastwsss.kernels.affinity import token_affinity_loss
-except ModuleNotFoundError:  # not installed: run from the repository root
-    from kernels.affinity import token_affinity_loss
+from fastwsss.kernels.affinity import token_affinity_loss
+
+from parity import DEVICE, check
 
 # x̂ = (1, 0), (-0.6, 0.8), (0, 1): cosines c12 = -0.6, c13 = 0, c23 = 0.8
 HAND = torch.tensor([[[2.0, 0.0], [-3.0, 4.0], [0.0, 5.0]]])
@@ -145,34 +142,16 @@ def test_bad_inputs_fail_clearly():
 # The kernels and the reference both compute in fp32 from the same (possibly rounded) inputs, so the tolerances only
 # cover summation order in fp32 and, for half dtypes, one ulp of the output rounding: (rtol, atol) per dtype.
 TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 8e-3)}
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
 def kernels(monkeypatch):
     """The Triton module, with fresh outputs NaN-filled so an unwritten element cannot pass."""
     pytest.importorskip("triton")
-    try:
-        from fastwsss.kernels.affinity import _triton
-    except ModuleNotFoundError:
-        from kernels.affinity import _triton
-    # every imported copy: a test that imports the folder as `kernels` as well as `fastwsss.kernels` loads the package
-    # twice, and the custom op then runs the copy imported last
-    for name, module in list(sys.modules.items()):
-        if name.endswith(".affinity._triton"):
-            monkeypatch.setattr(module, "NAN_FILL", True)
+    from fastwsss.kernels.affinity import _triton
+
+    monkeypatch.setattr(_triton, "NAN_FILL", True)
     return _triton
-
-
-def check(out, ref, rtol, atol, what):
-    """assert_close with a message naming the count of bad elements, the worst index, ref and out there."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    bad = ~torch.isclose(out, ref, rtol=rtol, atol=atol) | out.isnan()
-    if bad.any():
-        err = ((out - ref).abs() - rtol * ref.abs()).nan_to_num(float("inf"))
-        worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape)) if err.ndim else ()
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; worst at {worst}: "
-                             f"ref {ref[worst].item():.8g}, out {out[worst].item():.8g} (rtol {rtol}, atol {atol})")
 
 
 def make_case(B, N, D, dtype, seed=0, shared=0.0, num_labels=4, device=DEVICE):

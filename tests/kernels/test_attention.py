@@ -4,35 +4,23 @@ forward and backward, edge cases, dispatch, and the timm drop-in layer on a timm
 from __future__ import annotations
 
 import inspect
-import sys
 
 import pytest
 import torch
 
-try:
-    from fastwsss.kernels.attention import (
-        MaskedKeyAttention,
-        _triton,
-        masked_key_attention,
-        masked_key_attention_ref,
-        swap_attention,
-        varlen_attention,
-        varlen_attention_ref,
-    )
-    from fastwsss.kernels.attention.api import compact_keys
-except ModuleNotFoundError:  # not installed: run from the repository root
-    from kernels.attention import (
-        MaskedKeyAttention,
-        _triton,
-        masked_key_attention,
-        masked_key_attention_ref,
-        swap_attention,
-        varlen_attention,
-        varlen_attention_ref,
-    )
-    from kernels.attention.api import compact_keys
+from fastwsss.kernels.attention import (
+    MaskedKeyAttention,
+    _triton,
+    masked_key_attention,
+    masked_key_attention_ref,
+    swap_attention,
+    varlen_attention,
+    varlen_attention_ref,
+)
+from fastwsss.kernels.attention.api import compact_keys
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from parity import DEVICE
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (out, grads) tolerance against the fp32 reference on the same inputs, relative to |ref| + rms(ref) (see
 # assert_close). fp32: IEEE dots, only the summation order differs (online softmax; grads summed over masks and
@@ -51,11 +39,6 @@ def nan_buffers(monkeypatch):
         return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype if dtype is None else dtype)
 
     monkeypatch.setattr(_triton, "_alloc", alloc)
-    # every loaded copy: some tests also import the package as top-level `kernels`, and the custom ops then run
-    # the copy registered last
-    for name, module in list(sys.modules.items()):
-        if name.endswith("kernels.attention._triton") and hasattr(module, "_alloc"):
-            monkeypatch.setattr(module, "_alloc", alloc)
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:

@@ -4,16 +4,14 @@ materialising module), the properties callers rely on, and the Triton kernels ag
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    from fastwsss.kernels.par import DEFAULT_DILATIONS, par, par_affinity, par_propagate
-except ModuleNotFoundError:  # not installed: run from the repository root
-    from kernels.par import DEFAULT_DILATIONS, par, par_affinity, par_propagate
+from fastwsss.kernels.par import DEFAULT_DILATIONS, par, par_affinity, par_propagate
+
+from parity import DEVICE, check
 
 
 def naive_par(image: list, masks: list, dilations, num_iter: int, w1: float = 0.3, w2: float = 0.01):
@@ -216,35 +214,16 @@ def test_gradcheck_float64():
 # reference compute in fp32 from the same (possibly rounded) inputs, so the tolerances cover fp32 summation order
 # (values are O(1)) and, for half dtypes, one ulp of the output rounding: (rtol, atol) per dtype.
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
 def kernels(monkeypatch):
     """The Triton module, with fresh outputs (ping-pong buffers included) NaN-filled: an unwritten element fails."""
     pytest.importorskip("triton")
-    try:
-        from fastwsss.kernels.par import _triton
-    except ModuleNotFoundError:
-        from kernels.par import _triton
-    # every imported copy: a test that imports the folder as `kernels` as well as `fastwsss.kernels` loads the package
-    # twice, and the custom op then runs the copy imported last
-    for name, module in list(sys.modules.items()):
-        if name.endswith(".par._triton"):
-            monkeypatch.setattr(module, "NAN_FILL", True)
+    from fastwsss.kernels.par import _triton
+
+    monkeypatch.setattr(_triton, "NAN_FILL", True)
     return _triton
-
-
-def check(out, ref, rtol, atol, what):
-    """assert_close with a message naming the count of bad elements, the worst index, ref and out there."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    assert out.shape == ref.shape, (what, out.shape, ref.shape)
-    bad = ~torch.isclose(out, ref, rtol=rtol, atol=atol, equal_nan=True)
-    if bad.any():
-        err = ((out - ref).abs() - rtol * ref.abs()).nan_to_num(float("inf"))
-        worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; worst at {worst}: "
-                             f"ref {ref[worst].item():.8g}, out {out[worst].item():.8g} (rtol {rtol}, atol {atol})")
 
 
 def case(B, K, h, w, mask_hw=None, dtype=torch.float32, seed=0):
@@ -256,12 +235,12 @@ def case(B, K, h, w, mask_hw=None, dtype=torch.float32, seed=0):
     return images.to(DEVICE, dtype), masks.to(DEVICE, dtype)
 
 
-def par_parity(images, masks, dilations=DEFAULT_DILATIONS, num_iter=10):
+def par_parity(images, masks, dilations=DEFAULT_DILATIONS, num_iter=10, equal_nan=False):
     rtol, atol = TOL[masks.dtype]
     out = par(images, masks, dilations, num_iter, backend="triton")
     ref = par(images, masks, dilations, num_iter, backend="torch")
     assert out.dtype == masks.dtype and out.device == masks.device
-    check(out, ref, rtol, atol, "par")
+    check(out, ref, rtol, atol, "par", equal_nan)
     return out
 
 
@@ -312,7 +291,7 @@ def test_triton_skips_zero_channels_per_image(kernels):
     out = par_parity(images, masks, num_iter=3)
     assert (out[~present] == 0).all()
     masks[1, 2, 4, 5] = float("nan")
-    par_parity(images, masks, num_iter=3)
+    par_parity(images, masks, num_iter=3, equal_nan=True)
 
 
 def test_triton_constant_image(kernels):
