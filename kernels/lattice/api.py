@@ -6,6 +6,7 @@ import torch
 
 from .._backend import device_reasons, resolve_backend
 from .reference import PermutohedralLattice as ReferenceLattice
+from .reference import check_values
 
 __all__ = ["PermutohedralLattice", "permutohedral_filter"]
 
@@ -87,12 +88,7 @@ class PermutohedralLattice:
         """[B, C, H, W] -> [B, C, H, W]: splat, blur along the d+1 lattice axes (reverse: the opposite order, the
         transpose of the forward filter), slice, times alpha = 1/(1+2^-d)."""
         B, H, W = self.batch, self.height, self.width
-        if values.dim() != 4 or values.shape[0] != B or tuple(values.shape[2:]) != (H, W):
-            raise ValueError(f"values must be [{B}, C, {H}, {W}], got shape {tuple(values.shape)}")
-        if values.device != self.device:
-            raise ValueError(f"values are on {values.device}, the lattice on {self.device}")
-        if not values.is_floating_point():
-            raise ValueError(f"values must be floating point, got {values.dtype}")
+        check_values(values, B, H, W, self.device)
         if self.backend == "torch":
             return self._impl.filter(values, reverse)
         reasons = _value_reasons(values)

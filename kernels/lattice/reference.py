@@ -107,6 +107,16 @@ class _SparseMatmul(torch.autograd.Function):
         return None, None, _SparseMatmul.apply(At, A, grad)
 
 
+def check_values(values: torch.Tensor, B: int, H: int, W: int, device: torch.device) -> None:
+    """The values a lattice of B images of H x W on ``device`` can filter: [B, C, H, W] floating point."""
+    if values.dim() != 4 or values.shape[0] != B or tuple(values.shape[2:]) != (H, W):
+        raise ValueError(f"values must be [{B}, C, {H}, {W}], got shape {tuple(values.shape)}")
+    if values.device != device:
+        raise ValueError(f"values are on {values.device}, the lattice on {device}")
+    if not values.is_floating_point():
+        raise ValueError(f"values must be floating point, got {values.dtype}")
+
+
 class PermutohedralLattice:
     """One permutohedral lattice per image of a batch, built once and reused for many filters.
 
@@ -258,12 +268,7 @@ class PermutohedralLattice:
         which is the transpose of the forward filter), slice, times alpha = 1/(1+2^-d). Accumulates in float64,
         returns ``values.dtype``; differentiable w.r.t. ``values``."""
         B, H, W, N = self.batch, self.height, self.width, self.num_pixels
-        if values.dim() != 4 or values.shape[0] != B or tuple(values.shape[2:]) != (H, W):
-            raise ValueError(f"values must be [{B}, C, {H}, {W}], got shape {tuple(values.shape)}")
-        if values.device != self.device:
-            raise ValueError(f"values are on {values.device}, the lattice on {self.device}")
-        if not values.is_floating_point():
-            raise ValueError(f"values must be floating point, got {values.dtype}")
+        check_values(values, B, H, W, self.device)
         C = values.shape[1]
         v = values.to(torch.float64).reshape(B, C, N).transpose(1, 2).reshape(B * N, C)
         lat = _SparseMatmul.apply(self._splat, self._slice, v)
