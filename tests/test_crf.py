@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastwsss.config import InferConfig
 from fastwsss.crf import CRFParams, CRFRunner, dense_crf, dense_crf_torch
 from fastwsss.data import SegmentationList, read_image, read_mask
+from fastwsss.predict import crf_params
 
 pytest.importorskip("pydensecrf.densecrf")
 AGREE = 0.999  # the bar: >= 99.9 % of pixels get the same label
@@ -122,3 +124,4 @@ def test_crf_rejects_bad_inputs():
 def test_params_are_spec_defaults():
     p = CRFParams()
     assert (p.iterations, p.gauss_sxy, p.gauss_compat, p.bi_sxy, p.bi_srgb, p.bi_compat) == (10, 1, 1, 121, 5, 4)
+    assert crf_params(InferConfig()) == p  # the config's infer.crf_* defaults are the same numbers
