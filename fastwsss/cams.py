@@ -11,21 +11,30 @@ from .data import IGNORE_INDEX
 
 
 @torch.no_grad()
-def multiscale_cams(model, x: torch.Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5)) -> tuple[torch.Tensor, torch.Tensor]:
+def multiscale_cams(model, x: torch.Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5), *,
+                    outputs=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [B, 3, H, W] -> (cams, cams_aux) [B, C-1, H, W] in [0, 1].
 
     Per scale: resize to int(s*H) x int(s*W), batch with the horizontal flip, CAMs upsampled to (H, W),
     flip pair fused by element-wise max, ReLU; summed over scales; per-channel min-max normalised.
+
+    ``outputs``: the model's own forward of ``x`` (training step), reused as the unflipped scale-1 pass. Exact:
+    the network has no dropout or drop-path, so a second forward of the same images gives the same CAMs (the
+    reference runs it again); only the flipped images are run at scale 1.
     """
     B, _, H, W = x.shape
     total = total_aux = 0
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x, size=(int(s * H), int(s * W)), mode="bilinear", align_corners=False)
-        cam, cam_aux = model.cams(torch.cat([xs, xs.flip(-1)]))
+        if s == 1.0 and outputs is not None:
+            pairs = zip(model.cams_from(outputs), model.cams(xs.flip(-1)))
+        else:
+            pairs = (c.split(B) for c in model.cams(torch.cat([xs, xs.flip(-1)])))
         fused = []
-        for c in (cam, cam_aux):
-            c = F.interpolate(c.float(), size=(H, W), mode="bilinear", align_corners=False)
-            fused.append(torch.maximum(c[:B], c[B:].flip(-1)).relu())
+        for c, c_flip in pairs:
+            c, c_flip = (F.interpolate(v.float(), size=(H, W), mode="bilinear", align_corners=False)
+                         for v in (c, c_flip))
+            fused.append(torch.maximum(c, c_flip.flip(-1)).relu())
         total, total_aux = total + fused[0], total_aux + fused[1]
     return minmax_normalize(total), minmax_normalize(total_aux)
 

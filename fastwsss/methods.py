@@ -87,7 +87,7 @@ def compute_losses(model: WSSSNet, batch: dict, step: int, cfg: Config) -> dict[
         return losses
 
     with torch.no_grad():
-        cams, cams_aux = multiscale_cams(model, x, tuple(cfg.cam.scales))
+        cams, cams_aux = multiscale_cams(model, x, tuple(cfg.cam.scales), outputs=out)
     lo, hi, backend = cfg.cam.low_thresh, cfg.cam.high_thresh, cfg.kernels.backend
     if w["seg"] or w["reg"]:
         source = cams_aux if step < cfg.loss.seg_label_aux_until else cams

@@ -30,10 +30,12 @@ def refine_seg_label(
     """CAMs [B, C-1, H, W] in [0, 1] -> segmentation label [B, H, W] (SPEC §4.2).
 
     For each background constant (high, low): channels [background, cls-masked CAM] at 1/down_scale size, softmax
-    over background + present classes, PAR on the (quantised) image, upsampled, argmax. Absent classes get
-    probability 0, which is exactly the reference's per-image channel selection, so the batch is refined at
-    once; both channel sets go through one PAR call, sharing the image affinity (exact: PAR is per channel).
-    Fusion: high's label, its background -> ignore, background where both say background; outside img_box ignore.
+    over background + present classes, PAR on the (quantised) image, upsampled, argmax over the present channels.
+    That is the reference's per-image channel selection, done for the whole batch: each image's present channels
+    (background first, then its classes in order) are gathered into K slots (K = the most any image has; spare
+    slots are never chosen), and both channel sets go through one PAR call, sharing the image affinity (exact: PAR
+    is per channel). Fusion: high's label, its background -> ignore, background where both say background;
+    outside img_box ignore.
     """
     from fastwsss.kernels import par
 
@@ -41,18 +43,22 @@ def refine_seg_label(
     size = (H // down_scale, W // down_scale)
     img = denormalize(images.float()).clamp(0, 255).to(torch.uint8).float() / 255.0  # the reference's uint8 image
     img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
-    present = torch.cat([cls_label.new_ones(B, 1), cls_label], dim=1).bool()[:, :, None, None]  # [B, C, 1, 1]
+    present = torch.cat([cls_label.new_ones(B, 1), cls_label], dim=1).bool()  # [B, C]
+    K = int(present.sum(1).max())
+    slots = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices[:, :K]  # present channels first
+    used = present.gather(1, slots)[:, :, None, None]  # [B, K, 1, 1]: False for spare slots
     valid_cam = cls_label[:, :, None, None].to(cams.dtype) * cams
     probs = []
     for bkg in (high_thresh, low_thresh):
         chans = torch.cat([torch.full_like(valid_cam[:, :1], bkg), valid_cam], dim=1)
         chans = F.interpolate(chans, size=size, mode="bilinear", align_corners=False)
-        probs.append(chans.masked_fill(~present, -math.inf).softmax(dim=1))
+        chans = chans.masked_fill(~present[:, :, None, None], -math.inf).softmax(dim=1)
+        probs.append(chans.gather(1, slots[:, :, None, None].expand(B, K, *size)))
     refined = par(img, torch.cat(probs, dim=1), dilations=par_dilations, num_iter=par_num_iter, backend=par_backend)
     refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
-    C = present.shape[1]
     # max().indices, not argmax(): same first-maximum index, but torch's CPU argmax over dim 1 is ~10x slower
-    label_high, label_low = (r.masked_fill(~present, -math.inf).max(dim=1).indices for r in refined.split(C, dim=1))
+    label_high, label_low = (slots.gather(1, r.masked_fill(~used, -math.inf).max(dim=1).indices.flatten(1)).view(B, H, W)
+                             for r in refined.split(K, dim=1))
     label = label_high.clone()
     label[label_high == 0] = ignore_index
     label[(label_high + label_low) == 0] = 0

@@ -31,6 +31,8 @@ from .models import WSSSNet, build_model
 
 log = logging.getLogger("fastwsss")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+SUMMARY = {"seg_miou": "segmentation", "cam_miou": "CAM", "pseudo_miou": "pseudo labels",  # the last line printed
+           "all-bg_miou": "all-background", "likely-cls_miou": "most-likely-present-class"}
 
 
 def lr_multiplier(step: int, *, max_iters: int, warmup_iters: int, warmup_ratio: float, power: float) -> float:
@@ -252,9 +254,10 @@ def main(argv: list[str] | None = None) -> None:
             path = DEFAULT_CONFIG
     cfg = load_config(path, overrides)
     result = train(cfg)
-    if result and not math.isnan(result.get("cam_miou", math.nan)):
-        print(f"CAM mIoU {100 * result['cam_miou']:.1f} | all-background {100 * result['all-bg_miou']:.1f} | "
-              f"most-likely-present-class {100 * result['likely-cls_miou']:.1f}")
+    summary = [f"{title} {100 * result[key]:.1f}" for key, title in SUMMARY.items()
+               if not math.isnan(result.get(key, math.nan))]
+    if summary:
+        print("mIoU %: " + " | ".join(summary))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from fastwsss.data.transforms import contrast_sample, random_key_masks
+from fastwsss.cams import multiscale_cams
+from fastwsss.data.transforms import contrast_sample, denormalize, random_key_masks
 from fastwsss.losses import contrast_loss, seg_loss
 from fastwsss.methods import roi_map, term_weights
 from fastwsss.models import (
     ProjectionHead,
+    WSSSNet,
     create_vit,
     dropped_class_tokens,
     ema_update,
@@ -68,6 +70,20 @@ def test_reused_teacher_equals_recomputed(vit):
     ema_update(teacher, head, 0.9)
     for b, t, s in zip(before, teacher.parameters(), head.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
+
+
+def test_step_cams_reuse_the_training_forward(vit):
+    """The step's multi-scale CAM takes its unflipped scale-1 pass from the training forward (in train mode, with
+    grad): the same CAMs as running that pass again."""
+    model = WSSSNet(vit.train(), num_classes=4, decoder_channels=8)
+    x = torch.randn(2, 3, 64, 80)
+    out = model(x)
+    for scales in ((1.0, 0.5), (0.5, 1.0, 1.5), (0.5,)):
+        reused = multiscale_cams(model, x, scales, outputs=out)
+        recomputed = multiscale_cams(model, x, scales)
+        for a, b in zip(reused, recomputed):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert out.cls_logits.requires_grad  # the reuse does not detach the training forward
 
 
 def test_projector_output_is_weight_normalised():
@@ -168,6 +184,40 @@ def test_seg_label_fusion_rule_and_box():
     label = refine_seg_label(cams, cls_label, torch.zeros(4, 3, 8, 8), box)
     assert label[0].eq(1).all() and label[1].eq(255).all() and label[2].eq(0).all()
     assert label[3, :, :6].eq(0).all() and label[3, :, 6:].eq(255).all()  # outside img_box -> ignore
+
+
+def test_seg_label_batch_equals_per_image_channel_selection():
+    """The batched label (present channels gathered into K slots) equals the reference's way: per image, keep
+    background + that image's classes, softmax, PAR, argmax, map back to class indices."""
+    from fastwsss.kernels import par
+
+    g = torch.Generator().manual_seed(0)
+    B, C1, H, W = 5, 6, 16, 20
+    cams = torch.rand(B, C1, H, W, generator=g)
+    cls_label = torch.zeros(B, C1)
+    for b, classes in enumerate([[0], [1, 4], [0, 2, 5], [3], [1, 2, 3, 4, 5]]):
+        cls_label[b, classes] = 1.0
+    images = torch.randn(B, 3, H, W, generator=g)
+    kw = {"high_thresh": 0.6, "low_thresh": 0.3, "par_dilations": (1, 2), "par_num_iter": 3}
+    label = refine_seg_label(cams, cls_label, images, None, **kw)
+
+    img = denormalize(images).clamp(0, 255).to(torch.uint8).float() / 255
+    img = torch.nn.functional.interpolate(img, size=(H // 2, W // 2), mode="bilinear", align_corners=False)
+    for b in range(B):
+        keep = torch.cat([torch.tensor([0]), cls_label[b].nonzero().squeeze(1) + 1])  # channel -> class index
+        labels = []
+        for bkg in (kw["high_thresh"], kw["low_thresh"]):
+            chans = torch.cat([torch.full((1, 1, H, W), bkg), cams[b:b + 1, keep[1:] - 1]], dim=1)
+            chans = torch.nn.functional.interpolate(chans, size=(H // 2, W // 2), mode="bilinear",
+                                                    align_corners=False).softmax(1)
+            r = par(img[b:b + 1], chans, dilations=(1, 2), num_iter=3, backend="torch")
+            r = torch.nn.functional.interpolate(r, size=(H, W), mode="bilinear", align_corners=False)
+            labels.append(keep[r[0].argmax(0)])
+        expected = labels[0].clone()
+        expected[labels[0] == 0] = 255
+        expected[(labels[0] == 0) & (labels[1] == 0)] = 0
+        assert torch.equal(label[b], expected), b
+    assert set(label.unique().tolist()) >= {0, 255} and label.max() == 255 and (label[4] > 0).any()
 
 
 def test_mcc_key_masks():

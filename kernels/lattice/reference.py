@@ -190,13 +190,16 @@ class PermutohedralLattice:
             # blur neighbours: n1 = k - 1 everywhere except n1[j] = k[j] + d (j < d), n2 = the opposite shift
             sum_strides = sum(strides)
             nbrs = torch.empty(d + 1, 2, M, dtype=torch.int64, device=dev)
+            every = torch.arange(M, device=dev)
             for j in range(d + 1):
                 delta = -sum_strides + ((d + 1) * strides[j] if j < d else 0)
-                for s, sign in enumerate((1, -1)):
-                    q = uniq + sign * delta
-                    pos = torch.searchsorted(uniq, q).clamp_(max=max(M - 1, 0))
-                    found = uniq[pos] == q
-                    nbrs[j, s] = torch.where(found, pos, torch.full_like(pos, M))
+                q = uniq + delta
+                pos = torch.searchsorted(uniq, q).clamp_(max=max(M - 1, 0))
+                found = uniq[pos] == q
+                nbrs[j, 0] = torch.where(found, pos, torch.full_like(pos, M))
+                # the opposite shift is the inverse map: n1(a) = b  <=>  n2(b) = a
+                nbrs[j, 1] = M
+                nbrs[j, 1, pos[found]] = every[found]
         else:
             # General path (huge key ranges): hash whole key rows with torch.unique(dim=0).
             keys = torch.empty(P, d + 1, d + 1, dtype=torch.int64, device=dev)
@@ -261,7 +264,9 @@ class PermutohedralLattice:
                 keep = cols < M
                 vals = torch.where(cols == diag.unsqueeze(1), 1.0, 0.5).to(torch.float64)
                 crow = torch.cat([counts.new_zeros(1), keep.sum(1).cumsum(0)])
-                self._blur.append(torch.sparse_csr_tensor(crow, cols[keep], vals[keep], size=(M, M)))
+                kept = keep.flatten().nonzero().squeeze(1)  # one nonzero for both gathers
+                self._blur.append(torch.sparse_csr_tensor(crow, cols.flatten()[kept], vals.flatten()[kept],
+                                                          size=(M, M)))
 
     def filter(self, values: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         """[B, C, H, W] -> [B, C, H, W]: splat, blur along the d+1 lattice axes (reverse: in the opposite order,
