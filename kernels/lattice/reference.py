@@ -187,19 +187,14 @@ class PermutohedralLattice:
                 codes[:, r] = c
             uniq, inverse = torch.unique(codes.reshape(-1), sorted=True, return_inverse=True)
             M = uniq.numel()
-            # blur neighbours: n1 = k - 1 everywhere except n1[j] = k[j] + d (j < d), n2 = the opposite shift
+            # blur neighbours n1: k - 1 everywhere except n1[j] = k[j] + d (j < d)
             sum_strides = sum(strides)
-            nbrs = torch.empty(d + 1, 2, M, dtype=torch.int64, device=dev)
-            every = torch.arange(M, device=dev)
+            n1 = torch.empty(d + 1, M, dtype=torch.int64, device=dev)
             for j in range(d + 1):
                 delta = -sum_strides + ((d + 1) * strides[j] if j < d else 0)
                 q = uniq + delta
                 pos = torch.searchsorted(uniq, q).clamp_(max=max(M - 1, 0))
-                found = uniq[pos] == q
-                nbrs[j, 0] = torch.where(found, pos, torch.full_like(pos, M))
-                # the opposite shift is the inverse map: n1(a) = b  <=>  n2(b) = a
-                nbrs[j, 1] = M
-                nbrs[j, 1, pos[found]] = every[found]
+                n1[j] = torch.where(uniq[pos] == q, pos, torch.full_like(pos, M))
         else:
             # General path (huge key ranges): hash whole key rows with torch.unique(dim=0).
             keys = torch.empty(P, d + 1, d + 1, dtype=torch.int64, device=dev)
@@ -209,18 +204,23 @@ class PermutohedralLattice:
                     keys[:, r, i + 1] = rem0[i] + r - (d + 1) * (rank_d[i] > d - r).to(torch.int64)
             uniq, inverse = torch.unique(keys.reshape(-1, d + 1), dim=0, return_inverse=True)
             M = uniq.shape[0]
-            nbrs = torch.empty(d + 1, 2, M, dtype=torch.int64, device=dev)
+            n1 = torch.empty(d + 1, M, dtype=torch.int64, device=dev)
             for j in range(d + 1):
                 shift = torch.full((d + 1,), -1, dtype=torch.int64, device=dev)
                 shift[0] = 0
                 if j < d:
                     shift[j + 1] = d
-                for s, sign in enumerate((1, -1)):
-                    q = uniq + sign * shift
-                    allk, inv = torch.unique(torch.cat([uniq, q]), dim=0, return_inverse=True)
-                    lookup = torch.full((allk.shape[0],), M, dtype=torch.int64, device=dev)
-                    lookup[inv[:M]] = torch.arange(M, device=dev)
-                    nbrs[j, s] = lookup[inv[M:]]
+                allk, inv = torch.unique(torch.cat([uniq, uniq + shift]), dim=0, return_inverse=True)
+                lookup = torch.full((allk.shape[0],), M, dtype=torch.int64, device=dev)
+                lookup[inv[:M]] = torch.arange(M, device=dev)
+                n1[j] = lookup[inv[M:]]
+
+        # n2, the opposite shift, is the inverse map of n1: n1(a) = b  <=>  n2(b) = a (M = not in the lattice)
+        nbrs = torch.stack([n1, torch.full_like(n1, M)], dim=1)  # [d+1, 2, M]
+        every = torch.arange(M, device=dev)
+        for j in range(d + 1):
+            found = n1[j] < M
+            nbrs[j, 1, n1[j, found]] = every[found]
 
         inverse = inverse.reshape(B, Np, d + 1)[:, :N]  # drop the padding points: they are never splatted
         offsets = inverse.reshape(B * N, d + 1)  # vertex index of each pixel's d+1 simplex corners (all distinct)
