@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
 
 # CUDA: real Triton. CPU: the kernels run under TRITON_INTERPRET=1, set by tests/conftest.py.
@@ -20,3 +23,11 @@ def check(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float, what: 
         worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape)) if err.ndim else ()
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; worst at {worst}: "
                              f"ref {ref[worst].item():.8g}, out {out[worst].item():.8g} (rtol {rtol}, atol {atol})")
+
+
+def nan_filled(monkeypatch, op: str) -> ModuleType:
+    """``fastwsss.kernels.<op>._triton`` with every buffer a kernel must write starting as NaN (its ``NAN_FILL``
+    hook), so an unwritten element fails :func:`check`. Returns the module."""
+    module = importlib.import_module(f"fastwsss.kernels.{op}._triton")
+    monkeypatch.setattr(module, "NAN_FILL", True)
+    return module

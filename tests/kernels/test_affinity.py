@@ -8,7 +8,7 @@ import torch
 
 from fastwsss.kernels.affinity import token_affinity_loss
 
-from parity import DEVICE, check
+from parity import DEVICE, check, nan_filled
 
 # x̂ = (1, 0), (-0.6, 0.8), (0, 1): cosines c12 = -0.6, c13 = 0, c23 = 0.8
 HAND = torch.tensor([[[2.0, 0.0], [-3.0, 4.0], [0.0, 5.0]]])
@@ -148,10 +148,7 @@ TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-3), torch.bfloat16:
 def kernels(monkeypatch):
     """The Triton module, with fresh outputs NaN-filled so an unwritten element cannot pass."""
     pytest.importorskip("triton")
-    from fastwsss.kernels.affinity import _triton
-
-    monkeypatch.setattr(_triton, "NAN_FILL", True)
-    return _triton
+    return nan_filled(monkeypatch, "affinity")
 
 
 def make_case(B, N, D, dtype, seed=0, shared=0.0, num_labels=4, device=DEVICE):

@@ -13,6 +13,8 @@ from fastwsss.kernels.lattice import PermutohedralLattice as Lattice
 from fastwsss.kernels.lattice import permutohedral_filter
 from fastwsss.kernels.lattice.reference import PermutohedralLattice, _scale_factors
 
+from parity import nan_filled
+
 TOL = 1e-4
 
 
@@ -411,9 +413,7 @@ def _nan_fill(monkeypatch):
     from fastwsss.kernels._backend import HAS_TRITON
 
     if HAS_TRITON:
-        from fastwsss.kernels.lattice import _triton
-
-        monkeypatch.setattr(_triton, "NAN_FILL", True)
+        nan_filled(monkeypatch, "lattice")
 
 
 def _device() -> torch.device:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastwsss.kernels.par import DEFAULT_DILATIONS, par, par_affinity, par_propagate
 
-from parity import DEVICE, check
+from parity import DEVICE, check, nan_filled
 
 
 def naive_par(image: list, masks: list, dilations, num_iter: int, w1: float = 0.3, w2: float = 0.01):
@@ -220,10 +220,7 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16:
 def kernels(monkeypatch):
     """The Triton module, with fresh outputs (ping-pong buffers included) NaN-filled: an unwritten element fails."""
     pytest.importorskip("triton")
-    from fastwsss.kernels.par import _triton
-
-    monkeypatch.setattr(_triton, "NAN_FILL", True)
-    return _triton
+    return nan_filled(monkeypatch, "par")
 
 
 def case(B, K, h, w, mask_hw=None, dtype=torch.float32, seed=0):
