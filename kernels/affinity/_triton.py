@@ -81,25 +81,30 @@ def token_affinity_fwd_kernel(x_ptr, lab_ptr, tiles_ptr, part_ptr, N, D, n_tiles
 
 
 @triton.jit
-def token_affinity_bwd_kernel(x_ptr, lab_ptr, coef_ptr, dx_ptr, N, D, ignore_index, ABSOLUTE: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              BLOCK_DO: tl.constexpr):
-    """dX̂[rows, dcols] = Σ_j G_ij X̂[j, dcols], G_ij = coef_P·sign(c_ij) on positive pairs, coef_Nn·sign(c_ij) on
-    negative ones, 0 elsewhere (sign -> 1 if not ABSOLUTE). One program = BLOCK_M rows × BLOCK_DO features of one
-    image; C tiles are recomputed, never stored. coef [2] fp32 = 2·∂L/∂(Σ_P s, Σ_Nn s)."""
+def token_affinity_bwd_kernel(x_ptr, lab_ptr, coef_ptr, part_ptr, B, N, D, ignore_index, n_col_blocks, split,
+                              ABSOLUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Partial dX̂[rows] = Σ_{j in this program's column blocks} G_ij X̂_j, G_ij = coef_P·sign(c_ij) on positive
+    pairs, coef_Nn·sign(c_ij) on negative ones, 0 elsewhere (sign -> 1 if not ABSOLUTE).
+
+    One program = BLOCK_M rows of one image and the column blocks s, s + split, ... (s = program_id(1)): each tile
+    C_ij is computed once (K-loop over all of D) and then multiplies every feature slice of X̂_j, accumulated into
+    this program's own rows of partial s, part [split, B, N, D] fp32 (read-modify-write of rows no other program
+    touches; a barrier orders one column block's writes before the next one's reads). coef [2] fp32 =
+    2·∂L/∂(Σ_P s, Σ_Nn s). The caller sums the partials over s in a fixed order: deterministic, no atomics."""
     pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     x_b = x_ptr + b * N * D
     lab_b = lab_ptr + b * N
+    out_b = part_ptr + (s * B + b) * N * D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    dmask = dcols < D
+    rmask = rows < N
+    r64 = rows.to(tl.int64)[:, None] * D
     coef_p = tl.load(coef_ptr)
     coef_n = tl.load(coef_ptr + 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    for j0 in range(0, N, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
+    for jb in range(s, n_col_blocks, split):
+        cols = jb * BLOCK_N + tl.arange(0, BLOCK_N)
         c = _cosine_tile(x_b, rows, cols, N, D, BLOCK_M, BLOCK_N, BLOCK_K)
         pos, neg = _pair_masks(lab_b, rows, cols, N, ignore_index)
         if ABSOLUTE:
@@ -107,41 +112,62 @@ def token_affinity_bwd_kernel(x_ptr, lab_ptr, coef_ptr, dx_ptr, N, D, ignore_ind
             g = tl.where(pos, coef_p * sign, tl.where(neg, coef_n * sign, 0.0))
         else:
             g = tl.where(pos, coef_p, tl.where(neg, coef_n, 0.0))
-        xj = tl.load(x_b + cols.to(tl.int64)[:, None] * D + dcols[None, :],
-                     mask=(cols < N)[:, None] & dmask[None, :], other=0.0)
-        acc = tl.dot(g, xj, acc, input_precision="ieee")
-    out = dx_ptr + b * N * D + rows.to(tl.int64)[:, None] * D + dcols[None, :]
-    tl.store(out, acc, mask=(rows < N)[:, None] & dmask[None, :])
+        c64 = cols.to(tl.int64)[:, None] * D
+        cmask = (cols < N)[:, None]
+        for d0 in range(0, D, BLOCK_DO):
+            dcols = d0 + tl.arange(0, BLOCK_DO)
+            dmask = (dcols < D)[None, :]
+            xj = tl.load(x_b + c64 + dcols[None, :], mask=cmask & dmask, other=0.0)
+            out = out_b + r64 + dcols[None, :]
+            omask = rmask[:, None] & dmask
+            acc = tl.load(out, mask=omask & (jb != s), other=0.0)  # the first column block starts from 0
+            acc = tl.dot(g, xj, acc, input_precision="ieee")
+            tl.store(out, acc, mask=omask)
+        tl.debug_barrier()  # this block's stores before the next block's loads (other threads may hold them)
 
 
-def _blocks(d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, BLOCK_DO, backward num_warps). Interpreter: few large programs (~1.3 ms per program)."""
+def _blocks(d: int) -> dict[str, dict[str, int]]:
+    """Tile sizes and warps of each kernel. GPU: the backward's fp32 FMA dots hold a whole K-slice of their A tile
+    per thread, so its column block (the K of G·X̂_j) is 32 wide: 101-118 registers, no spills (compile check).
+    Interpreter: few large programs (~1.3 ms per program)."""
     if INTERPRET:
-        return 128, 128, min(triton.next_power_of_2(d), 1024), 4
-    return 64, 32, min(triton.next_power_of_2(d), 128), 8
+        return {"fwd": dict(BLOCK_N=128, BLOCK_K=128, num_warps=4),
+                "bwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, BLOCK_DO=min(triton.next_power_of_2(d), 1024),
+                            num_warps=4)}
+    return {"fwd": dict(BLOCK_N=64, BLOCK_K=32, num_warps=4),
+            "bwd": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=64, num_warps=8)}
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (an H100's 132 elsewhere: the interpreter, the compile check)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def token_affinity_sums(xhat: Tensor, labels: Tensor, absolute: bool, ignore_index: int) -> Tensor:
     """xhat [B, N, D] fp32 contiguous (normalised), labels [B, N] int32 -> [Σ_P s, |P|, Σ_Nn s, |Nn|] float64."""
     B, N, D = xhat.shape
-    bn, bk, _, _ = _blocks(D)
-    t = triton.cdiv(N, bn)
+    cfg = _blocks(D)["fwd"]
+    t = triton.cdiv(N, cfg["BLOCK_N"])
     tiles = torch.triu_indices(t, t, device=xhat.device).to(torch.int32).contiguous()  # [2, t(t+1)/2]: tj >= ti
     n_tiles = tiles.shape[1]
     part = _empty((B, n_tiles, 4), xhat)
     token_affinity_fwd_kernel[(n_tiles, B)](xhat, labels, tiles, part, N, D, n_tiles, ignore_index,
-                                            ABSOLUTE=absolute, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+                                            ABSOLUTE=absolute, **cfg)
     return part.to(torch.float64).sum(dim=(0, 1))  # fixed-shape reduction: deterministic
 
 
 def token_affinity_sums_backward(grad: Tensor, xhat: Tensor, labels: Tensor, absolute: bool,
                                  ignore_index: int) -> Tensor:
-    """grad [4] (of the sums; the counts' entries are ignored) -> ∂/∂xhat [B, N, D] fp32."""
+    """grad [4] (of the sums; the counts' entries are ignored) -> ∂/∂xhat [B, N, D] fp32.
+
+    The column blocks of each row block are split over ``split`` programs (enough programs for two per SM, at most
+    one column block each); their fp32 partials are summed in a fixed order."""
     B, N, D = xhat.shape
-    bn, bk, bdo, warps = _blocks(D)
+    cfg = _blocks(D)["bwd"]
     coef = (2 * grad[0::2]).to(torch.float32).contiguous()  # (Σ_P s, Σ_Nn s); each pair appears as (i, j), (j, i)
-    dx = _empty((B, N, D), xhat)
-    grid = (triton.cdiv(N, bn), triton.cdiv(D, bdo), B)
-    token_affinity_bwd_kernel[grid](xhat, labels, coef, dx, N, D, ignore_index, ABSOLUTE=absolute, BLOCK_M=bn,
-                                    BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, num_warps=warps)
-    return dx
+    n_rows, n_cols = triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
+    split = max(1, min(n_cols, triton.cdiv(2 * _num_sms(xhat.device), n_rows * B)))
+    part = _empty((split, B, N, D), xhat)
+    token_affinity_bwd_kernel[(n_rows, split, B)](xhat, labels, coef, part, B, N, D, ignore_index, n_cols, split,
+                                                  ABSOLUTE=absolute, **cfg)
+    return part[0] if split == 1 else part.sum(0)

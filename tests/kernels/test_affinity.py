@@ -193,6 +193,14 @@ def test_triton_matches_reference(kernels, B, N, D, shared, absolute):
     parity(*make_case(B, N, D, torch.float32, shared=shared), absolute=absolute)
 
 
+@pytest.mark.parametrize("sms", [1, 7], ids=["split1", "split2"])
+def test_triton_backward_column_split(kernels, monkeypatch, sms):
+    """The backward splits each row block's column blocks over `split` programs (from the SM count): one program
+    accumulating all 7 column blocks of N = 784 (read-modify-write of its rows), and 2 programs with 4 and 3."""
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: sms)
+    parity(*make_case(1, 784, 64, torch.float32, seed=2, shared=1.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_triton_half_inputs(kernels, dtype):
     """The kernels read fp32 x̂ normalised from the rounded inputs (no bf16 arithmetic, so the interpreter is exact)."""
