@@ -35,6 +35,12 @@ def device_reasons(*tensors: torch.Tensor) -> list[str]:
     return reasons
 
 
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, for grid sizing; an H100's 132 for any other device (the
+    interpreter, the compile check), so those see the launches an H100 gets."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def resolve_backend(backend: str, op: str, reasons: list[str]) -> Literal["triton", "torch"]:
     """``reasons``: why the Triton path cannot take these inputs ([] = it can)."""
     if backend not in BACKENDS:

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _backend
 from .._backend import INTERPRET
 
 # Set by the tests: fresh outputs are filled with NaN so that an element a kernel forgets to write cannot pass.
@@ -138,11 +139,6 @@ def _blocks(d: int) -> dict[str, dict[str, int]]:
             "bwd": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=64, num_warps=8)}
 
 
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of the device (an H100's 132 elsewhere: the interpreter, the compile check)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def token_affinity_sums(xhat: Tensor, labels: Tensor, absolute: bool, ignore_index: int) -> Tensor:
     """xhat [B, N, D] fp32 contiguous (normalised), labels [B, N] int32 -> [Σ_P s, |P|, Σ_Nn s, |Nn|] float64."""
     B, N, D = xhat.shape
@@ -166,7 +162,7 @@ def token_affinity_sums_backward(grad: Tensor, xhat: Tensor, labels: Tensor, abs
     cfg = _blocks(D)["bwd"]
     coef = (2 * grad[0::2]).to(torch.float32).contiguous()  # (Σ_P s, Σ_Nn s); each pair appears as (i, j), (j, i)
     n_rows, n_cols = triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
-    split = max(1, min(n_cols, triton.cdiv(2 * _num_sms(xhat.device), n_rows * B)))
+    split = max(1, min(n_cols, triton.cdiv(2 * _backend.num_sms(xhat.device), n_rows * B)))
     part = _empty((split, B, N, D), xhat)
     token_affinity_bwd_kernel[(n_rows, split, B)](xhat, labels, coef, part, B, N, D, ignore_index, n_cols, split,
                                                   ABSOLUTE=absolute, **cfg)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _backend
 from .._backend import INTERPRET
 from .reference import neighbour_offsets, position_term
 
@@ -38,6 +39,21 @@ def _neighbour(off_ptr, k, y, x, H, W):
 
 
 @triton.jit
+def _pixels(B, H, W, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
+    """This program's BLOCK_P pixels of the flattened (image, pixel) axis: (b, p, y, x, in-range mask), in int32
+    unless INT64 (a tensor too large for 32-bit offsets)."""
+    pid = tl.program_id(0)
+    HW = H * W
+    if INT64:
+        pid = pid.to(tl.int64)
+        HW = HW.to(tl.int64)
+    g = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    b = g // HW
+    p = g - b * HW
+    return b, p, p // W, p % W, g < B * HW
+
+
+@triton.jit
 def _kappa(img_ptr, chan, off_ptr, k, y, x, H, W, centre, sigma, w1, m2, cmask, C):
     """κ_I of neighbour k: mean over colour channels of −(|I_nbr − I| / σ / w1)², σ = σ_I + eps, [BLOCK_P] fp32."""
     v = tl.load(img_ptr + chan + _neighbour(off_ptr, k, y, x, H, W)[None, :], mask=m2, other=0.0)
@@ -47,24 +63,19 @@ def _kappa(img_ptr, chan, off_ptr, k, y, x, H, W, centre, sigma, w1, m2, cmask, 
 
 @triton.jit
 def par_affinity_fwd_kernel(img_ptr, off_ptr, pos_ptr, aff_ptr, B, C, H, W, w1, eps,
-                            NB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                            NB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
     """images [B, C, H, W] fp32 -> A [B, NB, H, W] fp32 = softmax_k(κ_I) + pos (pos = w2·softmax_k(κ_P), [NB]).
 
     One program = BLOCK_P pixels of the flattened (image, pixel) axis, all colour channels. Four sweeps over the NB
     neighbours (the gathers hit the cache): mean, unbiased variance (two passes, as torch.std), the online softmax's
     max and sum, then the write.
     """
+    b, p, y, x, pmask = _pixels(B, H, W, BLOCK_P, INT64)
     HW = H * W
-    g = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = g < B * HW
-    b = g // HW
-    p = g - b * HW
-    y = p // W
-    x = p % W
     ch = tl.arange(0, BLOCK_C)
     cmask = ch < C
     m2 = cmask[:, None] & pmask[None, :]
-    chan = (b[None, :] * C + ch[:, None]) * HW  # [BLOCK_C, BLOCK_P] int64
+    chan = (b[None, :] * C + ch[:, None]) * HW  # [BLOCK_C, BLOCK_P]
     centre = tl.load(img_ptr + chan + p[None, :], mask=m2, other=0.0)
 
     total = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
@@ -92,20 +103,15 @@ def par_affinity_fwd_kernel(img_ptr, off_ptr, pos_ptr, aff_ptr, B, C, H, W, w1, 
 
 @triton.jit
 def par_propagate_fwd_kernel(aff_ptr, src_ptr, dst_ptr, valid_ptr, off_ptr, B, K, H, W, NB: tl.constexpr,
-                             BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                             BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
     """One round: dst[b, k, p] = Σ_j A[b, j, p] · src[b, k, neighbour_j(p)]. A channel with valid[b, k] = 0 is an
     all-zero mask: its loads are skipped and 0 is written. A [B, NB, H, W], src / dst [B, K, H, W] fp32, valid
     [B, K] int8. One program = BLOCK_K channels × BLOCK_P pixels of the flattened (image, pixel) axis."""
+    b, p, y, x, pmask = _pixels(B, H, W, BLOCK_P, INT64)
     HW = H * W
-    g = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = g < B * HW
-    b = g // HW
-    p = g - b * HW
-    y = p // W
-    x = p % W
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     smask = (ks < K)[:, None] & pmask[None, :]
-    row = b[None, :] * K + ks[:, None]  # [BLOCK_K, BLOCK_P] int64: (image, channel)
+    row = b[None, :] * K + ks[:, None]  # [BLOCK_K, BLOCK_P]: (image, channel)
     lmask = smask & (tl.load(valid_ptr + row, mask=smask, other=0) != 0)
     chan = row * HW
     aff = aff_ptr + b * NB * HW + p
@@ -136,6 +142,21 @@ def _position(dilations: Sequence[int], w1: float, w2: float, device: torch.devi
     return _CONSTANTS[key]
 
 
+_INT32_LIMIT = 2**31 - 1
+
+
+def _pixel_block(pixels: int, channels: int, channel_blocks: int, widest: int, device: torch.device) -> int:
+    """Pixels per program of a [channels, pixels] tile: ``widest`` (a power of two, bounded by registers), halved
+    down to 32 until the grid has at least eight programs per SM, so that a single inference image still fills the
+    GPU. Interpreter: large tiles, few programs (~1.3 ms per program)."""
+    if INTERPRET:
+        return min(triton.next_power_of_2(pixels), max(262144 // channels, 1024))
+    bp, target = widest, 8 * _backend.num_sms(device)
+    while bp > 32 and triton.cdiv(pixels, bp) * channel_blocks < target:
+        bp //= 2
+    return bp
+
+
 def par_affinity(images: Tensor, dilations: Sequence[int], w1: float, w2: float) -> Tensor:
     """images [B, C, h, w] fp32 contiguous -> A [B, 8·len(dilations), h, w] fp32."""
     B, C, H, W = images.shape
@@ -143,9 +164,10 @@ def par_affinity(images: Tensor, dilations: Sequence[int], w1: float, w2: float)
     nb = offsets.shape[0]
     aff = _empty((B, nb, H, W), images)
     bc = triton.next_power_of_2(C)
-    bp = min(triton.next_power_of_2(B * H * W), 65536 if INTERPRET else 256)
-    par_affinity_fwd_kernel[(triton.cdiv(B * H * W, bp),)](images, offsets, pos, aff, B, C, H, W, w1, _EPS, NB=nb,
-                                                           BLOCK_C=bc, BLOCK_P=bp, num_warps=4)
+    bp = _pixel_block(B * H * W, bc, 1, 128, images.device)
+    par_affinity_fwd_kernel[(triton.cdiv(B * H * W, bp),)](
+        images, offsets, pos, aff, B, C, H, W, w1, _EPS, NB=nb, BLOCK_C=bc, BLOCK_P=bp,
+        INT64=max(images.numel(), aff.numel()) > _INT32_LIMIT, num_warps=4)
     return aff
 
 
@@ -161,14 +183,15 @@ def par_propagate(affinity: Tensor, masks: Tensor, dilations: Sequence[int], num
     offsets = _offsets(dilations, masks.device)
     nb = offsets.shape[0]
     valid = masks.ne(0).flatten(2).any(-1).to(torch.int8).contiguous()  # [B, K]; NaN counts as valid
-    bk = min(triton.next_power_of_2(K), 64 if INTERPRET else 16)
-    bp = min(triton.next_power_of_2(B * H * W), max(262144 // bk, 1024) if INTERPRET else max(4096 // bk, 128))
+    bk = min(triton.next_power_of_2(K), 64 if INTERPRET else 4)
+    bp = _pixel_block(B * H * W, bk, triton.cdiv(K, bk), 1024 // bk, masks.device)
     grid = (triton.cdiv(B * H * W, bp), triton.cdiv(K, bk))
+    int64 = max(masks.numel(), affinity.numel()) > _INT32_LIMIT
     bufs = [_empty(masks.shape, masks), _empty(masks.shape, masks) if num_iter > 1 else None]
     src = masks
     for it in range(num_iter):
         dst = bufs[it % 2]
         par_propagate_fwd_kernel[grid](affinity, src, dst, valid, offsets, B, K, H, W, NB=nb, BLOCK_K=bk, BLOCK_P=bp,
-                                       num_warps=4)
+                                       INT64=int64, num_warps=4)
         src = dst
     return src

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastwsss.kernels import _backend
 from fastwsss.kernels.affinity import token_affinity_loss
 
 from parity import DEVICE, check, nan_filled
@@ -197,7 +198,7 @@ def test_triton_matches_reference(kernels, B, N, D, shared, absolute):
 def test_triton_backward_column_split(kernels, monkeypatch, sms):
     """The backward splits each row block's column blocks over `split` programs (from the SM count): one program
     accumulating all 7 column blocks of N = 784 (read-modify-write of its rows), and 2 programs with 4 and 3."""
-    monkeypatch.setattr(kernels, "_num_sms", lambda device: sms)
+    monkeypatch.setattr(_backend, "num_sms", lambda device: sms)
     parity(*make_case(1, 784, 64, torch.float32, seed=2, shared=1.0))
 
 
