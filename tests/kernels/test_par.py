@@ -266,6 +266,15 @@ def test_triton_par_matches_reference(kernels, B, K, h, w, mask_hw, num_iter):
     par_parity(*case(B, K, h, w, mask_hw, seed=K), num_iter=num_iter)
 
 
+def test_triton_64bit_index_math(kernels, monkeypatch):
+    """Offsets are 32-bit unless a tensor is too large for them; with the limit at 0 every launch takes the INT64
+    variant, which must give the same result (tensors over 2^31 elements do not fit a test)."""
+    monkeypatch.setattr(kernels, "_INT32_LIMIT", 0)
+    images, masks = case(2, 3, 17, 23, (5, 7), seed=4)
+    par_parity(images, masks, num_iter=3)
+    check(par_affinity(images, backend="triton"), par_affinity(images, backend="torch"), 1e-5, 1e-6, "affinity")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_triton_half_inputs(kernels, dtype):
     """Half inputs are read once into fp32 (no half arithmetic: the interpreter is exact); the affinity is never
