@@ -23,9 +23,11 @@ __all__ = ["MAX_FEATURES", "TritonLattice", "lattice_filter"]
 MAX_FEATURES = 14  # d + 2 <= 16: the coordinate kernel keeps [BLOCK, 16, 16] rank tiles
 SEG = 32  # splat: at most SEG items summed per row and level (long rows become several levels)
 _CODE_LIMIT = 1 << 62
-# The interpreter pays ~1.3 ms per program: big blocks there; GPU blocks keep register tiles small.
+# The interpreter pays ~1.3 ms per program: big blocks there. GPU blocks keep every kernel under ~120 registers with
+# no spills (benchmarks/compile_check.py; before -> after in README.md) and give a 224^2 batch several waves.
 _BLOCKS = ({"coords": 4096, "splat": 4096, "blur": 4096, "slice": 4096, "channels": 64} if INTERPRET else
-           {"coords": 64, "splat": 64, "blur": 128, "slice": 128, "channels": 32})
+           {"coords": 16, "splat": 32, "blur": 32, "slice": 32, "channels": 32})
+_INT32_LIMIT = 2**31 - 1
 NAN_FILL = False  # tests set this: every buffer a kernel must write is pre-filled with NaN
 
 
@@ -123,80 +125,92 @@ def lattice_coords_kernel(feat_ptr, consts_ptr, radix_ptr, codes_ptr, bary_ptr, 
 
 
 @triton.jit
+def _rows(n, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    """Indices program_id(0)·BLOCK + [0, BLOCK) (int32 unless INT64: offsets too large for 32 bits) and their
+    in-range mask (< n)."""
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    return i, i < n
+
+
+@triton.jit
 def lattice_splat_kernel(src_ptr, item_pix_ptr, item_w_ptr, row_ptr, dst_ptr, R, C, N, stride_sb, stride_sc,
-                         FIRST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                         FIRST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
     """dst[r, :] = sum over items k in [row_ptr[r], row_ptr[r+1]) of (in order, float32):
     FIRST: w[k] * values[pixel[k], :] (pixel -1 = a padding point: nothing); else: src[k, :] (an earlier level's
     partial sums). Rows hold at most SEG items, so every program does bounded, similar work."""
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rmask = r < R
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    r, rmask = _rows(R, BLOCK_R, INT64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     start = tl.load(row_ptr + r, mask=rmask, other=0)
-    cnt = tl.load(row_ptr + r + 1, mask=rmask, other=0) - start
+    cnt = (tl.load(row_ptr + r + 1, mask=rmask, other=0) - start).to(tl.int32)
+    if not INT64:
+        start = start.to(tl.int32)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     kmax = tl.max(cnt, axis=0)
     for k in range(kmax):
         live = k < cnt
         it = start + k
         if FIRST:
-            pix = tl.load(item_pix_ptr + it, mask=live, other=-1).to(tl.int64)
+            pix = tl.load(item_pix_ptr + it, mask=live, other=-1)
+            if INT64:
+                pix = pix.to(tl.int64)
             w = tl.load(item_w_ptr + it, mask=live, other=0.0)
             ok = live & (pix >= 0)
             b = pix // N
             nn = pix - b * N
-            x = tl.load(src_ptr + b[:, None] * stride_sb + c[None, :] * stride_sc + nn[:, None],
+            x = tl.load(src_ptr + (b * stride_sb + nn)[:, None] + c[None, :] * stride_sc,
                         mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             acc += w[:, None] * x
         else:
-            x = tl.load(src_ptr + it[:, None] * C + c[None, :], mask=live[:, None] & cmask[None, :], other=0.0)
+            x = tl.load(src_ptr + (it * C)[:, None] + c[None, :], mask=live[:, None] & cmask[None, :], other=0.0)
             acc += x
-    tl.store(dst_ptr + r[:, None] * C + c[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+    tl.store(dst_ptr + (r * C)[:, None] + c[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
-def lattice_blur_kernel(src_ptr, dst_ptr, nbr_ptr, M, C, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+def lattice_blur_kernel(src_ptr, dst_ptr, nbr_ptr, M, C, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+                        INT64: tl.constexpr):
     """One blur pass along one lattice axis: dst[v] = src[v] + 0.5 * (src[n1(v)] + src[n2(v)]); a neighbour -1 (not
     in the lattice) contributes 0. ``nbr_ptr`` points at this axis's [2, M] int32 neighbour table."""
-    pid_v = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    vmask = v < M
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    v, vmask = _rows(M, BLOCK_V, INT64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    n1 = tl.load(nbr_ptr + v, mask=vmask, other=-1).to(tl.int64)
-    n2 = tl.load(nbr_ptr + M + v, mask=vmask, other=-1).to(tl.int64)
+    n1 = tl.load(nbr_ptr + v, mask=vmask, other=-1)
+    n2 = tl.load(nbr_ptr + M + v, mask=vmask, other=-1)
+    if INT64:
+        n1 = n1.to(tl.int64)
+        n2 = n2.to(tl.int64)
     m = vmask[:, None] & cmask[None, :]
-    old = tl.load(src_ptr + v[:, None] * C + c[None, :], mask=m, other=0.0)
-    a = tl.load(src_ptr + n1[:, None] * C + c[None, :], mask=m & (n1 >= 0)[:, None], other=0.0)
-    b = tl.load(src_ptr + n2[:, None] * C + c[None, :], mask=m & (n2 >= 0)[:, None], other=0.0)
-    tl.store(dst_ptr + v[:, None] * C + c[None, :], old + 0.5 * (a + b), mask=m)
+    old = tl.load(src_ptr + (v * C)[:, None] + c[None, :], mask=m, other=0.0)
+    a = tl.load(src_ptr + (n1 * C)[:, None] + c[None, :], mask=m & (n1 >= 0)[:, None], other=0.0)
+    b = tl.load(src_ptr + (n2 * C)[:, None] + c[None, :], mask=m & (n2 >= 0)[:, None], other=0.0)
+    tl.store(dst_ptr + (v * C)[:, None] + c[None, :], old + 0.5 * (a + b), mask=m)
 
 
 @triton.jit
 def lattice_slice_kernel(lat_ptr, off_ptr, bary_ptr, out_ptr, P, N, Np, C, alpha, stride_ob, stride_oc,
-                         D1: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                         D1: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
     """out[b, :, n] = alpha * sum_r bary[pt, r] * lat[off[pt, r], :], pt = b * Np + n, for the P = B*N pixels."""
-    pid_p = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    pmask = p < P
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    p, pmask = _rows(P, BLOCK_P, INT64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     b = p // N
     n = p - b * N
-    pt = b * Np + n
+    pt = (b * Np + n) * D1
     m = pmask[:, None] & cmask[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for r in tl.static_range(D1):
-        o = tl.load(off_ptr + pt * D1 + r, mask=pmask, other=0).to(tl.int64)
-        w = tl.load(bary_ptr + pt * D1 + r, mask=pmask, other=0.0)
-        acc += w[:, None] * tl.load(lat_ptr + o[:, None] * C + c[None, :], mask=m, other=0.0)
+        o = tl.load(off_ptr + pt + r, mask=pmask, other=0)
+        if INT64:
+            o = o.to(tl.int64)
+        w = tl.load(bary_ptr + pt + r, mask=pmask, other=0.0)
+        acc += w[:, None] * tl.load(lat_ptr + (o * C)[:, None] + c[None, :], mask=m, other=0.0)
     out = acc * alpha
-    tl.store(out_ptr + b[:, None] * stride_ob + c[None, :] * stride_oc + n[:, None],
-             out.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + (b * stride_ob + n)[:, None] + c[None, :] * stride_oc, out.to(out_ptr.dtype.element_ty),
+             mask=m)
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
@@ -374,6 +388,8 @@ def lattice_filter(values: torch.Tensor, offsets: torch.Tensor, bary: torch.Tens
     BLOCK_C = min(triton.next_power_of_2(C), _BLOCKS["channels"])
     n_c = triton.cdiv(C, BLOCK_C)
     dev = values.device
+    sizes = [values.numel(), offsets.numel(), splat_pix.numel(), M * C, *((p.numel() - 1) * C for p in splat_ptrs)]
+    int64 = max(sizes) > _INT32_LIMIT  # 32-bit offsets unless some tensor needs more
 
     # splat: level 0 gathers the pixels' values, later levels add up partial sums; the last level is the lattice
     src, first = v, True
@@ -383,7 +399,7 @@ def lattice_filter(values: torch.Tensor, offsets: torch.Tensor, bary: torch.Tens
         BLOCK_R = _BLOCKS["splat"]
         lattice_splat_kernel[(triton.cdiv(R, BLOCK_R), n_c)](
             src, splat_pix, splat_w, ptr, dst, R, C, N, v.stride(0), v.stride(1),
-            FIRST=first, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+            FIRST=first, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, INT64=int64)
         src, first = dst, False
     lat = src
     assert lat.shape[0] == M
@@ -393,11 +409,11 @@ def lattice_filter(values: torch.Tensor, offsets: torch.Tensor, bary: torch.Tens
     BLOCK_V = _BLOCKS["blur"]
     for j in (range(d, -1, -1) if reverse else range(d + 1)):
         lattice_blur_kernel[(triton.cdiv(M, BLOCK_V), n_c)](lat, other, neighbors[j], M, C,
-                                                            BLOCK_V=BLOCK_V, BLOCK_C=BLOCK_C)
+                                                            BLOCK_V=BLOCK_V, BLOCK_C=BLOCK_C, INT64=int64)
         lat, other = other, lat
 
     BLOCK_P = _BLOCKS["slice"]
     lattice_slice_kernel[(triton.cdiv(B * N, BLOCK_P), n_c)](
         lat, offsets, bary, out, B * N, N, Np, C, 1.0 / (1.0 + 2.0 ** (-d)), out.stride(0), out.stride(1),
-        D1=D1, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+        D1=D1, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, INT64=int64)
     return out

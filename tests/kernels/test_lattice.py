@@ -478,6 +478,19 @@ def test_triton_matches_reference(case, reverse):
     _compare(triton_lattice(feats), PermutohedralLattice(feats), v, f"{case[0]} reverse={reverse}", reverse)
 
 
+def test_triton_64bit_index_math(monkeypatch):
+    """Offsets are 32-bit unless a tensor is too large for them; with the limit at 0 every launch takes the INT64
+    variant, which must give the same result (tensors over 2^31 elements do not fit a test)."""
+    import fastwsss.kernels.lattice._triton as kernels
+
+    monkeypatch.setattr(kernels, "_INT32_LIMIT", 0)
+    _, B, H, W, kind, sxy, srgb, C = TRITON_CASES[3]
+    feats = torch.cat([bilateral_features(make_image(kind, H, W, seed=b), sxy, srgb) for b in range(B)])
+    v = torch.rand(B, C, H, W, generator=torch.Generator().manual_seed(C))
+    for reverse in (False, True):
+        _compare(triton_lattice(feats), PermutohedralLattice(feats), v, f"INT64 reverse={reverse}", reverse)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)],
                          ids=["fp16", "bf16"])
 def test_triton_low_precision_values(dtype):
