@@ -25,7 +25,6 @@ the lattice filter's other value dtypes); the default paths are always compiled.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import inspect
 import json
@@ -52,10 +51,10 @@ DATA_DEPENDENT = {
 }
 # per-SM limits of the occupancy estimate and the per-block shared-memory budget
 ARCH = {
-    90: dict(name="sm_90 (H100/H200)", sms=132, regs=65536, max_warps=64, max_blocks=32, smem_sm=228 * 1024,
-             smem_block=227 * 1024, smem_reserved=1024, half_dot="wgmma"),
-    80: dict(name="sm_80 (A100)", sms=108, regs=65536, max_warps=64, max_blocks=32, smem_sm=164 * 1024,
-             smem_block=163 * 1024, smem_reserved=1024, half_dot="mma.sync"),
+    90: {"name": "sm_90 (H100/H200)", "sms": 132, "regs": 65536, "max_warps": 64, "max_blocks": 32,
+         "smem_sm": 228 * 1024, "smem_block": 227 * 1024, "smem_reserved": 1024, "half_dot": "wgmma"},
+    80: {"name": "sm_80 (A100)", "sms": 108, "regs": 65536, "max_warps": 64, "max_blocks": 32,
+         "smem_sm": 164 * 1024, "smem_block": 163 * 1024, "smem_reserved": 1024, "half_dot": "mma.sync"},
 }
 HALF = {"f16", "bf16"}
 
@@ -182,7 +181,7 @@ def run_cases(rec: Recorder, quick: bool) -> None:
     cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
     T = int(counts.sum())
     for dt in dtypes:
-        default = dt != torch.float32  # training runs attention under bf16 autocast; fp32 is train.precision=fp32
+        default = True  # bf16 autocast on a GPU by default; fp32 with train.precision=fp32, fp16 with fp16
         attn = MaskedKeyAttention(C, num_heads=H, qkv_bias=True, dtype=dt)
         attn.qkv, attn.proj = Tile3(), nn.Identity()
         rec.case(f"attention, MCC masked route, first block: B={B} M={M} H={H} N={N} D={Dh} {dt}", default)
@@ -233,8 +232,9 @@ def run_cases(rec: Recorder, quick: bool) -> None:
     # lattice: the regularisation loss (training) and the dense CRF (inference)
     rec.case("lattice via reg_loss (training, exact grad): 448 -> 224x224 B=4 C=21 torch.float32", True)
     seg_logits = torch.randn(4, 21, 448, 448, generator=g).requires_grad_()
-    reg_loss(seg_logits, torch.stack([_test_image(448, 448, s) for s in range(4)]), torch.tensor([[0, 448, 0, 448]] * 4),
-             torch.randint(0, 21, (4, 448, 448), generator=g), exact_grad=True, backend="triton").backward()
+    images = torch.stack([_test_image(448, 448, s) for s in range(4)])
+    reg_loss(seg_logits, images, torch.tensor([[0, 448, 0, 448]] * 4), torch.randint(0, 21, (4, 448, 448), generator=g),
+             exact_grad=True, backend="triton").backward()
     rec.case("lattice via dense_crf_torch (inference CRF): 500x375 B=1 C=21, Gaussian + bilateral torch.float32", True)
     probs = torch.rand(1, 21, 375, 500, generator=g).softmax(1)
     dense_crf_torch(_test_image(375, 500, 7)[None].to(torch.uint8), probs, CRFParams(iterations=1), backend="triton")
@@ -331,7 +331,7 @@ _SHORT_TY = {"f32": "f32", "f16": "f16", "bf16": "bf16", "tf32": "tf32"}
 
 def parse_dots(ttgir: str) -> list[dict]:
     """Each dot of the TTGIR: how it was lowered (wgmma / mma.sync / fma), operand and accumulator types, MxNxK."""
-    aliases = dict(re.findall(r"^(#\w+) = (#[\w.]+<.*?)$", ttgir, flags=re.M))
+    aliases = dict(re.findall(r"^(#\w+) = (#[\w.]+<.*?)$", ttgir, flags=re.MULTILINE))
     dots = []
     for line in ttgir.splitlines():
         m = _DOT_RE.search(line)
@@ -497,8 +497,9 @@ def format_row(r: dict) -> str:
 
 
 def write_markdown(rows: list[dict], path: Path) -> None:
-    lines = ["| kernel | target | dtypes | path | regs | spill st/ld B | smem B | warps | occupancy (limiter) | dots | "
-             "waves | result | specialization |", "|" + "---|" * 13]
+    header = ("| kernel | target | dtypes | path | regs | spill st/ld B | smem B | warps | occupancy (limiter) "
+              "| dots | waves | result | specialization |")
+    lines = [header, "|" + "---|" * 13]
     for r in rows:
         path_kind = "default" if r["default"] else "API only"
         if not r["ok"]:

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+NAN_FILL = False  # tests set this: every buffer a kernel must write starts as NaN, so an unwritten element cannot pass
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -33,6 +34,13 @@ def device_reasons(*tensors: torch.Tensor) -> list[str]:
         if d.type != "cuda" and not (d.type == "cpu" and INTERPRET):
             reasons.append(f"tensors on {d} (Triton needs CUDA, or TRITON_INTERPRET=1 for CPU)")
     return reasons
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a launcher hands to a kernel to write (NaN-filled under ``NAN_FILL``)."""
+    if NAN_FILL and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def num_sms(device: torch.device) -> int:

@@ -12,25 +12,45 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _backend
 from .._backend import INTERPRET
 
 LOG2E = 1.4426950408889634
 
 
-def _blocks(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_D, forward block, backward block). tl.dot needs every tile dim >= 16 to compile on a GPU."""
+def _configs(head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
+    """Tiles, warps and pipeline stages of the forward, dK/dV and dQ kernels, chosen with
+    benchmarks/compile_check.py (before -> after in README.md): no spills on the training path (head dim 64), shared
+    memory within sm_80's 163 KB, and half-precision dots on wgmma (sm_90; every dot's M >= 64) / mma (sm_80).
+    fp32 runs IEEE dots on FMAs, whose operands hold a whole K-slice per thread: smaller tiles. tl.dot needs every
+    tile dim >= 16 to compile on a GPU."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return block_d, (64 if block_d <= 128 else 32), (64 if block_d <= 64 else 32)
+    if dtype == torch.float32:
+        if block_d <= 64:
+            fwd, dkdv, dq = (32, 32, 8, 3), (32, 32, 8, 3), (32, 32, 4, 3)
+        elif block_d <= 128:
+            fwd, dkdv, dq = (32, 16, 8, 3), (16, 16, 8, 3), (16, 32, 8, 3)
+        else:
+            fwd, dkdv, dq = (16, 16, 4, 3), (16, 16, 4, 1), (16, 16, 8, 3)
+    elif block_d <= 64:
+        fwd, dkdv, dq = (64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 8, 3)
+    elif block_d <= 128:
+        fwd, dkdv, dq = (64, 32, 4, 3), (64, 64, 8, 3), (64, 32, 8, 3)
+    else:  # dK, dV accumulators [64, 256] fp32 alone take 128 registers a thread: one stage to fit shared memory
+        fwd, dkdv, dq = (64, 32, 8, 3), (64, 64, 8, 1), (64, 16, 8, 3)
+    return {name: {"BLOCK_Q": bq, "BLOCK_K": bk, "BLOCK_D": block_d, "num_warps": w, "num_stages": st}
+            for name, (bq, bk, w, st) in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq))}
 
 
 def _launch_opts(dtype: torch.dtype) -> dict:
     # the interpreter has no real bf16: upcast right after tl.load there. fp32 parity needs IEEE dots (not tf32).
-    return {"UPCAST": INTERPRET and dtype == torch.bfloat16, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    return {"UPCAST": INTERPRET and dtype == torch.bfloat16,
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 
 def _alloc(*shape: int, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Every buffer the launchers hand to a kernel (tests patch this to fill NaN: an unwritten element cannot pass)."""
-    return torch.empty(*shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
+    """Every buffer the launchers hand to a kernel."""
+    return _backend.empty(*shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
 
 
 def masked_out_buffer(q: Tensor, num_masks: int) -> Tensor:
@@ -43,6 +63,15 @@ def masked_out_buffer(q: Tensor, num_masks: int) -> Tensor:
 def _row_view(t: Tensor) -> Tensor:
     """Kernels read rows with explicit strides but assume a unit stride along the head dim."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit
+def _load(ptrs, mask, UPCAST: tl.constexpr):
+    """A masked load (0 where masked); UPCAST (the interpreter, which has no real bf16): to fp32 right away."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -98,10 +127,8 @@ def masked_key_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_ok = offs_q < N
     d_ok = offs_d < D
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qn + offs_d[None, :],
-                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load(Q + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qn + offs_d[None, :],
+              q_ok[:, None] & d_ok[None, :], UPCAST)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     count = tl.load(COUNTS + bm)
@@ -113,11 +140,8 @@ def masked_key_attention_fwd_kernel(
         k_ok = offs_k < count
         kid = tl.load(KEY_IDX + bm * N + offs_k, mask=k_ok, other=0).to(tl.int64)
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + kid[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kid[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load(k_base + kid[:, None] * stride_kn + offs_d[None, :], kv_mask, UPCAST)
+        v = _load(v_base + kid[:, None] * stride_vn + offs_d[None, :], kv_mask, UPCAST)
         m_i, l_i, acc = _online_softmax_step(q, k, v, k_ok[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
     out, lse = _finish(m_i, l_i, acc)
     tl.store(OUT + b * stride_ob + m * stride_om + h * stride_oh + offs_q[:, None] * stride_on + offs_d[None, :],
@@ -151,13 +175,8 @@ def masked_key_attention_bwd_dkdv_kernel(
         d_ok = offs_d < D
         kid = tl.load(KEY_IDX + bm * N + offs_k, mask=k_ok, other=0).to(tl.int64)
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * stride_kb + h * stride_kh + kid[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + kid[:, None] * stride_vn + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load(K + b * stride_kb + h * stride_kh + kid[:, None] * stride_kn + offs_d[None, :], kv_mask, UPCAST)
+        v = _load(V + b * stride_vb + h * stride_vh + kid[:, None] * stride_vn + offs_d[None, :], kv_mask, UPCAST)
         dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         q_base = Q + b * stride_qb + h * stride_qh
@@ -166,11 +185,8 @@ def masked_key_attention_bwd_dkdv_kernel(
             offs_q = q_start + tl.arange(0, BLOCK_Q).to(tl.int64)
             q_ok = offs_q < N
             q_mask = q_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + offs_q[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + offs_q[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _load(q_base + offs_q[:, None] * stride_qn + offs_d[None, :], q_mask, UPCAST)
+            do = _load(do_base + offs_q[:, None] * stride_don + offs_d[None, :], q_mask, UPCAST)
             lse = tl.load(LSE + pid * N + offs_q, mask=q_ok, other=float("inf"))
             delta = tl.load(DELTA + pid * N + offs_q, mask=q_ok, other=0.0)
             p, ds = _score_grads(q, k, v, do, lse, delta, q_ok[:, None] & k_ok[None, :], qk_scale, DOT_PRECISION)
@@ -200,10 +216,7 @@ def masked_key_attention_bwd_kernel(
     q_ok = offs_q < N
     d_ok = offs_d < D
     q_mask = q_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qn + offs_d[None, :], mask=q_mask,
-                other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load(Q + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qn + offs_d[None, :], q_mask, UPCAST)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
@@ -213,20 +226,15 @@ def masked_key_attention_bwd_kernel(
         count = tl.load(COUNTS + bm)
         lse = tl.load(LSE + row + offs_q, mask=q_ok, other=float("inf"))
         delta = tl.load(DELTA + row + offs_q, mask=q_ok, other=0.0)
-        do = tl.load(DO + b * stride_dob + m * stride_dom + h * stride_doh + offs_q[:, None] * stride_don
-                     + offs_d[None, :], mask=q_mask, other=0.0)
-        if UPCAST:
-            do = do.to(tl.float32)
+        do = _load(DO + b * stride_dob + m * stride_dom + h * stride_doh + offs_q[:, None] * stride_don
+                     + offs_d[None, :], q_mask, UPCAST)
         for start in range(0, count, BLOCK_K):
             offs_k = start + tl.arange(0, BLOCK_K)
             k_ok = offs_k < count
             kid = tl.load(KEY_IDX + bm * N + offs_k, mask=k_ok, other=0).to(tl.int64)
             kv_mask = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + kid[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + kid[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load(k_base + kid[:, None] * stride_kn + offs_d[None, :], kv_mask, UPCAST)
+            v = _load(v_base + kid[:, None] * stride_vn + offs_d[None, :], kv_mask, UPCAST)
             _, ds = _score_grads(q, k, v, do, lse, delta, q_ok[:, None] & k_ok[None, :], qk_scale, DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     out_rows = (pid * N + offs_q)[:, None] * D + offs_d[None, :]  # DQ, DK, DV: contiguous [B, H, N, D]
@@ -258,11 +266,10 @@ def masked_key_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_idx: Tensor, c
     lse = _alloc(B, M, H, N, like=q, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    block_d, block, _ = _blocks(D)
-    masked_key_attention_fwd_kernel[(B * M * H, triton.cdiv(N, block))](
+    cfg = _configs(D, q.dtype)["fwd"]
+    masked_key_attention_fwd_kernel[(B * M * H, triton.cdiv(N, cfg["BLOCK_Q"]))](
         q, k, v, key_idx, counts, out, lse, *_qkv_strides(q, k, v), *out.stride()[:4],
-        M, H, N, D, scale * LOG2E,
-        BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **_launch_opts(q.dtype), num_warps=4,
+        M, H, N, D, scale * LOG2E, **cfg, **_launch_opts(q.dtype),
     )
     return out, lse
 
@@ -284,17 +291,15 @@ def masked_key_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     key_pos = torch.where(key_pos < counts[..., None], key_pos, -1)  # compact position, -1 = hidden
     dk_part = _alloc(B, M, H, N, D, like=q, dtype=torch.float32)  # only the visible rows are written and read
     dv_part = _alloc(B, M, H, N, D, like=q, dtype=torch.float32)
-    block_d, _, block = _blocks(D)
-    opts = _launch_opts(q.dtype)
+    cfg, opts = _configs(D, q.dtype), _launch_opts(q.dtype)
     strides = (*_qkv_strides(q, k, v), *dout.stride()[:4])
-    masked_key_attention_bwd_dkdv_kernel[(B * M * H, triton.cdiv(N, block))](
+    masked_key_attention_bwd_dkdv_kernel[(B * M * H, triton.cdiv(N, cfg["dkdv"]["BLOCK_K"]))](
         q, k, v, dout, lse, delta, key_idx, counts, dk_part, dv_part, *strides, M, H, N, D, scale * LOG2E, scale,
-        BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **opts, num_warps=4,
+        **cfg["dkdv"], **opts,
     )
-    masked_key_attention_bwd_kernel[(B * H, triton.cdiv(N, block))](
+    masked_key_attention_bwd_kernel[(B * H, triton.cdiv(N, cfg["dq"]["BLOCK_Q"]))](
         q, k, v, dout, lse, delta, key_idx, counts, key_pos, dk_part, dv_part, dq, dk, dv, *strides,
-        M, H, N, D, scale * LOG2E, scale,
-        BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **opts, num_warps=4,
+        M, H, N, D, scale * LOG2E, scale, **cfg["dq"], **opts,
     )
     return dq, dk, dv
 
@@ -327,10 +332,8 @@ def varlen_attention_fwd_kernel(
     q_ok = offs_q < T
     d_ok = offs_d < D
     seg_q = tl.load(SEG + offs_q, mask=q_ok, other=-1)
-    q = tl.load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], q_ok[:, None] & d_ok[None, :],
+              UPCAST)
     lo, hi = _tile_span(SEG, CU, first_row, T, BLOCK_Q)
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
@@ -340,11 +343,8 @@ def varlen_attention_fwd_kernel(
         k_ok = offs_k < hi
         seg_k = tl.load(SEG + offs_k, mask=k_ok, other=-2)
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], kv_mask, UPCAST)
+        v = _load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], kv_mask, UPCAST)
         ok = seg_q[:, None] == seg_k[None, :]
         m_i, l_i, acc = _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     out, lse = _finish(m_i, l_i, acc)
@@ -371,11 +371,8 @@ def varlen_attention_bwd_dkdv_kernel(
     d_ok = offs_d < D
     kv_mask = k_ok[:, None] & d_ok[None, :]
     seg_k = tl.load(SEG + offs_k, mask=k_ok, other=-2)
-    k = tl.load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], kv_mask, UPCAST)
+    v = _load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], kv_mask, UPCAST)
     lo, hi = _tile_span(SEG, CU, first_row, T, BLOCK_K)
     dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
@@ -384,11 +381,8 @@ def varlen_attention_bwd_dkdv_kernel(
         q_ok = offs_q < hi
         q_mask = q_ok[:, None] & d_ok[None, :]
         seg_q = tl.load(SEG + offs_q, mask=q_ok, other=-1)
-        q = tl.load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + offs_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], q_mask, UPCAST)
+        do = _load(DO + offs_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :], q_mask, UPCAST)
         lse = tl.load(LSE + offs_q * H + h, mask=q_ok, other=float("inf"))
         delta = tl.load(DELTA + offs_q * H + h, mask=q_ok, other=0.0)
         p, ds = _score_grads(q, k, v, do, lse, delta, seg_q[:, None] == seg_k[None, :], qk_scale, DOT_PRECISION)
@@ -416,11 +410,8 @@ def varlen_attention_bwd_kernel(
     d_ok = offs_d < D
     q_mask = q_ok[:, None] & d_ok[None, :]
     seg_q = tl.load(SEG + offs_q, mask=q_ok, other=-1)
-    q = tl.load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + offs_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], q_mask, UPCAST)
+    do = _load(DO + offs_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :], q_mask, UPCAST)
     lse = tl.load(LSE + offs_q * H + h, mask=q_ok, other=float("inf"))
     delta = tl.load(DELTA + offs_q * H + h, mask=q_ok, other=0.0)
     lo, hi = _tile_span(SEG, CU, first_row, T, BLOCK_Q)
@@ -430,11 +421,8 @@ def varlen_attention_bwd_kernel(
         k_ok = offs_k < hi
         seg_k = tl.load(SEG + offs_k, mask=k_ok, other=-2)
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], kv_mask, UPCAST)
+        v = _load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], kv_mask, UPCAST)
         _, ds = _score_grads(q, k, v, do, lse, delta, seg_q[:, None] == seg_k[None, :], qk_scale, DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     rows = (offs_q * H + h)[:, None] * D + offs_d[None, :]
@@ -450,11 +438,10 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, seg: Tensor, cu_seqlen
     lse = _alloc(T, H, like=q, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    block_d, block, _ = _blocks(D)
-    varlen_attention_fwd_kernel[(triton.cdiv(T, block), H)](
+    cfg = _configs(D, q.dtype)["fwd"]
+    varlen_attention_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_Q"]), H)](
         q, k, v, seg, cu_seqlens, out, lse, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
-        T, H, D, scale * LOG2E,
-        BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **_launch_opts(q.dtype), num_warps=4,
+        T, H, D, scale * LOG2E, **cfg, **_launch_opts(q.dtype),
     )
     return out, lse
 
@@ -468,13 +455,11 @@ def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     if dq.numel() == 0:
         return dq, dk, dv
     delta = (out.float() * dout.float()).sum(-1).contiguous()  # [T, H]
-    block_d, _, block = _blocks(D)
-    opts = _launch_opts(q.dtype)
+    cfg, opts = _configs(D, q.dtype), _launch_opts(q.dtype)
     args = (q, k, v, dout, lse, delta, seg, cu_seqlens)
     strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2])
-    grid = (triton.cdiv(T, block), H)
-    varlen_attention_bwd_dkdv_kernel[grid](*args, dk, dv, *strides, T, H, D, scale * LOG2E, scale,
-                                           BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **opts, num_warps=4)
-    varlen_attention_bwd_kernel[grid](*args, dq, *strides, T, H, D, scale * LOG2E, scale,
-                                      BLOCK_Q=block, BLOCK_K=block, BLOCK_D=block_d, **opts, num_warps=4)
+    varlen_attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["dkdv"]["BLOCK_K"]), H)](
+        *args, dk, dv, *strides, T, H, D, scale * LOG2E, scale, **cfg["dkdv"], **opts)
+    varlen_attention_bwd_kernel[(triton.cdiv(T, cfg["dq"]["BLOCK_Q"]), H)](
+        *args, dq, *strides, T, H, D, scale * LOG2E, scale, **cfg["dq"], **opts)
     return dq, dk, dv

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _backend
 from .._backend import INTERPRET
 from .reference import PermutohedralLattice as ReferenceLattice
 from .reference import _scale_factors
@@ -28,13 +29,10 @@ _CODE_LIMIT = 1 << 62
 _BLOCKS = ({"coords": 4096, "splat": 4096, "blur": 4096, "slice": 4096, "channels": 64} if INTERPRET else
            {"coords": 16, "splat": 32, "blur": 32, "slice": 32, "channels": 32})
 _INT32_LIMIT = 2**31 - 1
-NAN_FILL = False  # tests set this: every buffer a kernel must write is pre-filled with NaN
 
 
 def _empty(*shape, dtype=torch.float32, device=None) -> torch.Tensor:
-    if NAN_FILL and dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return _backend.empty(*shape, dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------------------------- kernels

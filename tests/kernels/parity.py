@@ -7,6 +7,8 @@ from types import ModuleType
 
 import torch
 
+from fastwsss.kernels import _backend
+
 # CUDA: real Triton. CPU: the kernels run under TRITON_INTERPRET=1, set by tests/conftest.py.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,8 +28,7 @@ def check(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float, what: 
 
 
 def nan_filled(monkeypatch, op: str) -> ModuleType:
-    """``fastwsss.kernels.<op>._triton`` with every buffer a kernel must write starting as NaN (its ``NAN_FILL``
-    hook), so an unwritten element fails :func:`check`. Returns the module."""
-    module = importlib.import_module(f"fastwsss.kernels.{op}._triton")
-    monkeypatch.setattr(module, "NAN_FILL", True)
-    return module
+    """Every buffer a Triton launcher hands to a kernel starts as NaN (``kernels._backend.NAN_FILL``), so an
+    unwritten element fails :func:`check`. Returns ``fastwsss.kernels.<op>._triton``."""
+    monkeypatch.setattr(_backend, "NAN_FILL", True)
+    return importlib.import_module(f"fastwsss.kernels.{op}._triton")

@@ -10,7 +10,6 @@ import torch
 
 from fastwsss.kernels.attention import (
     MaskedKeyAttention,
-    _triton,
     masked_key_attention,
     masked_key_attention_ref,
     swap_attention,
@@ -19,7 +18,7 @@ from fastwsss.kernels.attention import (
 )
 from fastwsss.kernels.attention.api import compact_keys
 
-from parity import DEVICE
+from parity import DEVICE, nan_filled
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (out, grads) tolerance against the fp32 reference on the same inputs, relative to |ref| + rms(ref) (see
@@ -35,10 +34,7 @@ gpu = pytest.mark.gpu
 def nan_buffers(monkeypatch):
     """Every buffer a launcher hands to a kernel starts as NaN: an element the kernel fails to write cannot pass
     (and the uninitialised dK/dV partials prove that only the written rows are read back)."""
-    def alloc(*shape, like, dtype=None):
-        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype if dtype is None else dtype)
-
-    monkeypatch.setattr(_triton, "_alloc", alloc)
+    nan_filled(monkeypatch, "attention")
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
