@@ -1,7 +1,7 @@
 """The built wheel works like any library's: installed (not editable) into a fresh venv, run from a directory outside
 the checkout. Every other test imports the checkout itself, so a file left out of the package fails only here.
 
-One build and one install per session (~1.5 min on the 2-core CPU machine, most of it installing torch and triton
+One build and one install per session (~2 min on the 2-core CPU machine, most of it installing torch and triton
 from pip's cache). `-m "not wheel"` deselects it; CI runs it (it is part of the README's test command).
 """
 
@@ -85,7 +85,8 @@ def wheel_env(tmp_path_factory):
     _run([python, "-m", "pip", "install", "-q", "-c", CONSTRAINTS, wheels[0]], cwd=tmp, env=env)
     work = tmp / "elsewhere"
     work.mkdir()
-    return wheels[0], python, work, env
+    yield wheels[0], python, work, env
+    shutil.rmtree(tmp, ignore_errors=True)  # ~1 GB, mostly torch; pytest would keep the last three sessions' copies
 
 
 def test_wheel_ships_every_module_and_config_and_the_metadata(wheel_env):
