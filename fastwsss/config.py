@@ -1,8 +1,9 @@
 """Typed configuration: one dataclass tree is the single source of truth.
 
 The defaults are the papers' VOC settings (shared SPEC §7.1, §9); YAML files in ``configs/`` (shipped as
-``fastwsss.configs``, found by name) hold only differences; ``key=value`` overrides come last. Unknown keys fail with their full path (``data.roott``),
-wrong types fail with the key and the value, and invalid choices are rejected before anything runs.
+``fastwsss.configs``, found by name) hold only differences; ``key=value`` overrides come last. Unknown keys fail
+with their full path (``data.roott``), wrong types fail with the key and the value, and invalid choices are rejected
+before anything runs.
 """
 
 from __future__ import annotations
@@ -253,9 +254,8 @@ def packaged_configs_help() -> str:
     """The packaged configs, one line each with its purpose (for ``--help``)."""
     configs = packaged_configs()
     width = max(map(len, configs))
-    lines = [f"  {name:<{width}}  {config_purpose(path)}" for name, path in configs.items()]
-    return "packaged configs (--config NAME; or a YAML file of your own, which may start with `base: NAME.yaml`):\n" + (
-        "\n".join(lines))
+    head = "packaged configs (--config NAME; or a YAML file of your own, which may start with `base: NAME.yaml`):"
+    return "\n".join([head, *(f"  {name:<{width}}  {config_purpose(path)}" for name, path in configs.items())])
 
 
 def resolve_config(config: str | Path, relative_to: Path | None = None) -> Path:

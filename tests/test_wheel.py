@@ -111,11 +111,12 @@ def test_wheel_ships_every_module_and_config_and_the_metadata(wheel_env):
 
 
 def test_demo_help_and_version_from_outside_the_checkout(wheel_env):
-    _, python, work, env = wheel_env
+    wheel, python, work, env = wheel_env
     helped = _run([python, "-m", "fastwsss.train", "--help"], cwd=work, env=env)
     for name in packaged_configs():
         assert f"\n  {name} " in helped, f"--help does not list {name}"
-    assert _run([python, "-m", "fastwsss.train", "--version"], cwd=work, env=env).startswith("fastwsss ")
+    version = wheel.name.split("-")[1]  # fastwsss-<version>-py3-none-any.whl
+    assert _run([python, "-m", "fastwsss.train", "--version"], cwd=work, env=env).startswith(f"fastwsss {version} (")
     # the demo's first iterations: data generated and the run written under the working directory
     _run([python, "-m", "fastwsss.train", "--config", "demo", "train.stop_at=2"], cwd=work, env=env, timeout=600)
     assert (work / "data" / "synthetic" / "ImageSets" / "Segmentation" / "val.txt").is_file()
