@@ -1,13 +1,15 @@
 """Typed configuration: one dataclass tree is the single source of truth.
 
-The defaults are the papers' VOC settings (shared SPEC §7.1, §9); YAML files in ``configs/`` hold only
-differences; ``key=value`` overrides come last. Unknown keys fail with their full path (``data.roott``),
-wrong types fail with the key and the value, and invalid choices are rejected before anything runs.
+The defaults are the papers' VOC settings (shared SPEC §7.1, §9); YAML files in ``configs/`` (shipped as
+``fastwsss.configs``, found by name) hold only differences; ``key=value`` overrides come last. Unknown keys fail
+with their full path (``data.roott``), wrong types fail with the key and the value, and invalid choices are rejected
+before anything runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -235,25 +237,61 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped as ``fastwsss.configs`` (the repository's ``configs/``), by name, sorted."""
+    # a real directory in a wheel install and in an editable one (fastwsss is never imported from a zip)
+    root = Path(str(resources.files("fastwsss.configs")))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def config_purpose(path: Path) -> str:
+    """What a config reproduces: its first line, a comment."""
+    first = path.read_text().partition("\n")[0]
+    return first.removeprefix("#").strip() if first.startswith("#") else ""
+
+
+def packaged_configs_help() -> str:
+    """The packaged configs, one line each with its purpose (for ``--help``)."""
+    configs = packaged_configs()
+    width = max(map(len, configs))
+    head = "packaged configs (--config NAME; or a YAML file of your own, which may start with `base: NAME.yaml`):"
+    return "\n".join([head, *(f"  {name:<{width}}  {config_purpose(path)}" for name, path in configs.items())])
+
+
+def resolve_config(config: str | Path, relative_to: Path | None = None) -> Path:
+    """A YAML file (relative to ``relative_to`` if given), else a packaged config named ``voc_mcc`` or ``voc_mcc.yaml``.
+
+    An existing file wins over a packaged name, so a local ``demo.yaml`` is never shadowed.
+    """
+    path = Path(config) if relative_to is None else relative_to / config
+    if path.is_file():
+        return path
+    packaged = packaged_configs()
+    name = str(config)
+    stem = name.removesuffix(".yaml")
+    if Path(name).name == name and stem in packaged:
+        return packaged[stem]
+    raise ConfigError(f"config file not found: {path} (nor a packaged config: {', '.join(packaged)})")
+
+
 def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
-    """A YAML file and, first, the chain of files it names as ``base:`` (relative to itself)."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """A YAML file and, first, the chain of files it names as ``base:`` (relative to itself, else packaged)."""
     if path.resolve() in seen:
         raise ConfigError(f"config files include each other: {' -> '.join(map(str, (*seen, path)))}")
     layer = OmegaConf.load(path)
     base = layer.pop("base", None)
     if base is None:
         return [layer]
-    return [*_yaml_layers(path.parent / str(base), (*seen, path.resolve())), layer]
+    return [*_yaml_layers(resolve_config(str(base), path.parent), (*seen, path.resolve())), layer]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema defaults <- YAML file (differences only; ``base: other.yaml`` layers it on another) <- overrides."""
+    """Schema defaults <- YAML file or packaged config name (differences only; ``base: other.yaml`` layers it on
+    another) <- overrides."""
     schema = OmegaConf.structured(Config)
     layers = [schema]
     if path is not None:
-        path = Path(path)
+        path = resolve_config(path)
         layers.extend(_yaml_layers(path))
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -269,4 +307,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def to_yaml(cfg: Config) -> str:
+    """The fully resolved config (what ``--print-config`` prints and a run saves as ``config.yaml``)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

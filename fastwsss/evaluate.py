@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     import json
     import time
 
+    from . import version_string
     from .config import load_config
     from .data import class_names
     from .predict import load_model, make_autocast, make_crf_runner, multiscale_seg_logits
@@ -260,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "ground-truth image labels), seg (multi-scale + flip segmentation, infer.fusion / infer.scales), "
                     "pseudo (PAR-refined pseudo labels); --crf adds seg-crf.")
     parser.add_argument("--checkpoint", help="checkpoint file or run directory (its config is used)")
-    parser.add_argument("--config", help="with --predictions and no --checkpoint: the YAML naming the data")
+    parser.add_argument("--config", metavar="NAME|FILE",
+                        help="with --predictions and no --checkpoint: the config naming the data, a packaged config's "
+                             "name (python -m fastwsss.train --help lists them) or a YAML file")
     parser.add_argument("--predictions", help="folder of <name>.png class-index predictions to evaluate instead")
     parser.add_argument("--split", help="split list name (default: data.val_split)")
     parser.add_argument("--modes", default="seg", help=f"comma-separated, from {', '.join(EVAL_MODES)}")
@@ -270,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--save-predictions", help="write each mode's PNG predictions to <dir>/<mode>/<name>.png")
     parser.add_argument("--vis", help="PNG grid of the first images (image / CAM / CAM label / seg / ground truth)")
     parser.add_argument("--num-vis", type=int, default=8)
+    parser.add_argument("--version", action="version", version=version_string())
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. infer.fusion=coco")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

@@ -40,6 +40,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from . import version_string
 from .cams import multiscale_cams
 from .config import Config
 from .data import IGNORE_INDEX, DataError, SegmentationList, class_names, read_image
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--logits", choices=("npy", "pt"), help="also write the fused logits (float16)")
     parser.add_argument("--vis", type=int, default=0, metavar="N", help="PNG grid of the first N images")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose mask already exists")
+    parser.add_argument("--version", action="version", version=version_string())
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. infer.fusion=coco")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

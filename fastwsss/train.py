@@ -1,8 +1,9 @@
-"""Training: ``python -m fastwsss.train [--config FILE] [key=value ...]``.
+"""Training: ``python -m fastwsss.train [--config NAME|FILE] [--print-config] [key=value ...]``.
 
 One loop for every method, readable top to bottom: build -> loop (autocast, step, log, eval, checkpoint).
-Without ``--config`` it runs ``configs/demo.yaml`` (synthetic data, small ViT, CPU-sized).
-``run.resume=<run dir>`` continues an interrupted run exactly, from that run's saved config.
+Without ``--config`` it runs the packaged ``demo`` config (synthetic data generated under ./data, a small ViT,
+CPU-sized; the run goes to ./runs). ``run.resume=<run dir>`` continues an interrupted run exactly, from that run's
+saved config.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import version_string
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, load_config, to_yaml
+from .config import Config, load_config, packaged_configs_help, to_yaml
 from .data import EvalDataset, ResumableSampler, TrainDataset, class_names, open_splits
 from .evaluate import EVAL_MODES, class_pixel_prior, evaluate_model, format_table, trivial_baselines
 from .methods import compute_losses
 from .models import WSSSNet, build_model
 
 log = logging.getLogger("fastwsss")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = "demo"  # a packaged config (fastwsss.configs)
 SUMMARY = {"seg_miou": "segmentation", "cam_miou": "CAM", "pseudo_miou": "pseudo labels",  # the last line printed
            "all-bg_miou": "all-background", "likely-cls_miou": "most-likely-present-class"}
 
@@ -240,8 +242,14 @@ def _setup_logging(run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastwsss.train", description=__doc__,
+                                     epilog=packaged_configs_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"YAML file (default: {DEFAULT_CONFIG.name}; when resuming: the run's own)")
+    parser.add_argument("--config", metavar="NAME|FILE",
+                        help=f"a packaged config's name (below) or a YAML file (default: {DEFAULT_CONFIG}; "
+                             "when resuming: the run's own)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved config (defaults <- YAML <- overrides) and exit without running")
+    parser.add_argument("--version", action="version", version=version_string())
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_iters=100 data.root=/data/VOC2012")
     args = parser.parse_args(argv)
     path, overrides = args.config, args.overrides
@@ -253,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             path = DEFAULT_CONFIG
     cfg = load_config(path, overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return
     result = train(cfg)
     summary = [f"{title} {100 * result[key]:.1f}" for key, title in SUMMARY.items()
                if not math.isnan(result.get(key, math.nan))]

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fastwsss.config import ConfigError, load_config, to_yaml
+from fastwsss.config import ConfigError, config_purpose, load_config, packaged_configs, to_yaml
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -69,3 +69,42 @@ def test_base_layers_one_yaml_on_another(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_packaged_configs_are_the_repository_configs():
+    packaged = packaged_configs()
+    assert list(packaged) == [p.stem for p in CONFIGS]  # configs/ is mapped into the package: one copy
+    for path in CONFIGS:
+        assert packaged[path.stem].read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_first_line_says_what_the_config_reproduces(path):
+    purpose = config_purpose(path)  # --help lists it, so it must stand alone
+    assert purpose and purpose.endswith("."), f"{path.name}: the first line is one complete sentence, got {purpose!r}"
+    assert f"--config {path.stem}" in path.read_text() or path.stem == "demo", "the Run: line uses the name"
+
+
+def test_config_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    by_path = load_config(CONFIGS[0].parent / "voc_mcc.yaml", ["train.max_iters=5"])
+    assert load_config("voc_mcc", ["train.max_iters=5"]) == by_path
+    assert load_config("voc_mcc.yaml", ["train.max_iters=5"]) == by_path
+    assert load_config("demo_cam").train.method == "cam"  # its `base: demo.yaml` resolves inside the package
+    with pytest.raises(ConfigError, match=r"not found: voc_mcx.*nor a packaged config: coco_mcc, .*voc_toco"):
+        load_config("voc_mcx")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("elsewhere/voc_mcc.yaml")  # a path that names a packaged file is still a path
+
+
+def test_a_local_file_wins_over_a_packaged_name_and_may_start_from_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo.yaml").write_text("name: my_demo\n")
+    assert load_config("demo.yaml").name == "my_demo"
+    assert load_config("demo").name == "demo"  # a bare name that is no file here is the packaged config
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.yaml").write_text("base: voc_mcc.yaml\nname: mine\ntrain:\n  max_iters: 9\n")
+    cfg = load_config(tmp_path / "sub" / "mine.yaml")
+    assert (cfg.name, cfg.train.method, cfg.train.max_iters) == ("mine", "mcc", 9)
+    (tmp_path / "sub" / "voc_mcc.yaml").write_text("name: sibling\n")  # a file beside it wins over the package
+    assert load_config(tmp_path / "sub" / "mine.yaml").train.method == "cam"
