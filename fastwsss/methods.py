@@ -94,7 +94,7 @@ def compute_losses(model: WSSSNet, batch: dict, step: int, cfg: Config) -> dict[
         with torch.no_grad():
             label = refine_seg_label(source, cls_label, x, img_box, high_thresh=hi, low_thresh=lo,
                                      par_dilations=tuple(cfg.cam.par_dilations), par_num_iter=cfg.cam.par_num_iter,
-                                     par_backend=backend)
+                                     par_backend=backend, round_denorm=cfg.quirks.round_denorm)
         seg = F.interpolate(out.seg_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if w["seg"]:
             losses["seg"] = w["seg"] * seg_loss(seg, label)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .cams import cam_to_label, ignore_outside_box
 from .data import IGNORE_INDEX
-from .data.transforms import denormalize
+from .data.transforms import denormalize_uint8
 from .kernels.par import DEFAULT_DILATIONS
 
 
@@ -25,6 +25,7 @@ def refine_seg_label(
     par_dilations: tuple[int, ...] = DEFAULT_DILATIONS,
     par_num_iter: int = 10,
     par_backend: str = "auto",
+    round_denorm: bool = False,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """CAMs [B, C-1, H, W] in [0, 1] -> segmentation label [B, H, W] (SPEC §4.2).
@@ -36,12 +37,14 @@ def refine_seg_label(
     slots are never chosen), and both channel sets go through one PAR call, sharing the image affinity (exact: PAR
     is per channel). Fusion: high's label, its background -> ignore, background where both say background;
     outside img_box ignore.
+
+    PAR sees the reference's uint8 image (``denormalize_uint8``: truncated levels; ``round_denorm`` rounds them).
     """
     from fastwsss.kernels import par
 
     B, _, H, W = cams.shape
     size = (H // down_scale, W // down_scale)
-    img = denormalize(images.float()).clamp(0, 255).to(torch.uint8).float() / 255.0  # the reference's uint8 image
+    img = denormalize_uint8(images, round_levels=round_denorm).float() / 255.0
     img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
     present = torch.cat([cls_label.new_ones(B, 1), cls_label], dim=1).bool()  # [B, C]
     K = int(present.sum(1).max())

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import check_model_layout, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, load_config, to_yaml
 from .data import EvalDataset, ResumableSampler, TrainDataset, class_names, open_splits
 from .evaluate import EVAL_MODES, class_pixel_prior, evaluate_model, format_table, trivial_baselines
@@ -95,6 +95,7 @@ class Evaluator:
             num_vis=self.cfg.eval.num_vis, vis_path=self.run_dir / "vis" / f"val_{step:06d}.png",
             num_workers=min(self.cfg.data.num_workers, 2), batch_size=self.cfg.eval.batch_size,
             par_dilations=tuple(c.par_dilations), par_num_iter=c.par_num_iter, par_backend=self.cfg.kernels.backend,
+            round_denorm=self.cfg.quirks.round_denorm,
         )
         columns = {**results, **self.baselines}
         tqdm.write(f"\n[eval @ {step}] {len(self.dataset)} val images, {time.time() - t0:.1f} s; IoU %:\n"
@@ -137,6 +138,7 @@ def train(cfg: Config) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step = 0
     if resume is not None:
+        check_model_layout(resume["model"], resume["path"])
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])

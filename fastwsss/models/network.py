@@ -13,13 +13,14 @@ from .projector import ProjectionHead, make_teacher
 
 
 class LargeFOV(nn.Sequential):
-    """3x3 conv dil 5 (no bias) -> ReLU -> 3x3 conv dil 5 -> ReLU -> 1x1 conv (no bias); keeps the stride."""
+    """3x3 conv dil 5 -> ReLU -> 3x3 conv dil 5 -> ReLU -> 1x1 conv; no conv has a bias (SPEC §2, as the authors'
+    decoder); keeps the stride."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 512, dilation: int = 5):
         super().__init__(
             nn.Conv2d(in_channels, channels, 3, padding=dilation, dilation=dilation, bias=False),
             nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation),
+            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False),
             nn.ReLU(inplace=True),
             nn.Conv2d(channels, num_classes, 1, bias=False),
         )
