@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cams import multiscale_cams
+from .cams import fp32_arithmetic, multiscale_cams
 from .config import Config
 from .data.transforms import denormalize
 from .losses import contrast_loss, reg_loss, seg_loss
@@ -14,9 +14,10 @@ from .models import WSSSNet, dropped_class_tokens, ema_update, forward_features,
 from .pseudo import affinity_label, refine_seg_label
 
 
+@fp32_arithmetic()
 def roi_map(cams: torch.Tensor, cls_label: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """[B, C-1, h, w] -> [B, h, w]: 0 where the best present-class CAM <= low, 2 where >= high, else 1."""
-    score = (cls_label[:, :, None, None].to(cams.dtype) * cams).amax(1)
+    score = (cls_label[:, :, None, None].float() * cams.float()).amax(1)
     roi = torch.ones_like(score)
     roi[score <= low] = 0
     roi[score >= high] = 2
@@ -44,7 +45,8 @@ def toco_local_views(model: WSSSNet, batch: dict, cams: torch.Tensor, cams_aux: 
     cols = (cx[..., None] + offs)[..., None, :].expand(B, M, S, S)
     b = torch.arange(B, device=roi.device)[:, None, None, None].expand(B, M, S, S)
     crops = local.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 1, 4, 2, 3)  # [B, M, 3, S, S]
-    flags = (roi[b, rows, cols].mean(dim=(2, 3)) > cfg.contrast.neg_thresh).float()
+    with fp32_arithmetic():
+        flags = (roi[b, rows, cols].mean(dim=(2, 3)) > cfg.contrast.neg_thresh).float()
     tokens = forward_features(model.backbone, crops.reshape(B * M, *crops.shape[2:]), model.aux_layer)[0]
     return tokens.reshape(B, M, -1), flags
 
@@ -57,10 +59,11 @@ def mcc_local_views(model: WSSSNet, batch: dict, cams: torch.Tensor, cams_aux: t
     src = cams_aux if step <= cfg.contrast.mcc_aux_cam_until else cams
     p = model.backbone.patch_embed.patch_size[0]
     grid = (src.shape[-2] // p, src.shape[-1] // p)
-    cam_tok = F.interpolate(src, size=grid, mode="bicubic", align_corners=False)
-    roi = roi_map(cam_tok, batch["cls_label"], cfg.cam.low_thresh, cfg.cam.high_thresh).flatten(1)  # [B, N]
-    vis = keep.float()
-    flags = ((roi[:, None] * vis).sum(-1) > cfg.contrast.neg_thresh * vis.sum(-1)).float()
+    with fp32_arithmetic():
+        cam_tok = F.interpolate(src.float(), size=grid, mode="bicubic", align_corners=False)
+        roi = roi_map(cam_tok, batch["cls_label"], cfg.cam.low_thresh, cfg.cam.high_thresh).flatten(1)  # [B, N]
+        vis = keep.float()
+        flags = ((roi[:, None] * vis).sum(-1) > cfg.contrast.neg_thresh * vis.sum(-1)).float()
     forward = dropped_class_tokens if cfg.contrast.mcc_forward == "drop" else masked_class_tokens
     return forward(model.backbone, batch["local"], keep, backend=cfg.kernels.backend), flags
 
