@@ -182,6 +182,7 @@ class InferConfig:
 class RunConfig:
     dir: str | None = None  # default runs/<name>/<timestamp>
     resume: str | None = None  # a run directory or a checkpoint file to continue from
+    tensorboard: bool = False  # also log the metrics.jsonl values to <run dir>/tensorboard (needs tensorboard)
 
 
 @dataclass
