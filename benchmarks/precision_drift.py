@@ -54,8 +54,8 @@ def recorded_step(model: WSSSNet, batch: dict, step: int, cfg, autocast: bool, b
         def wrapped(*args, **kwargs):
             out = fn(*args, **kwargs)
             seen[name] = (out[1] if isinstance(out, tuple) else out).detach().clone()
-            if name == "seg_label":
-                seen["cams_in"] = args[0].detach().float().clone()
+            if name == "seg_label":  # the CAMs of the image's classes, as the labels see them
+                seen["cams_in"] = (args[0].float() * args[1][:, :, None, None].float()).detach().clone()
             return out
         return wrapped
 
@@ -84,18 +84,21 @@ def recorded_step(model: WSSSNet, batch: dict, step: int, cfg, autocast: bool, b
     return seen
 
 
-def compare(ref: dict, got: dict, names: dict[str, str]) -> list[str]:
+def compare(ref: dict, paths: list[dict], names: dict[str, str]) -> list[str]:
+    """A markdown table: one row per label kind and loss term, one column per bf16 path."""
     rows = []
-    for key, what in (("seg_label", "segmentation pseudo-label pixels"), ("aff_label", "affinity-label tokens"),
-                      ("flags", "local-view flags")):
+    for key, what in (("seg_label", "segmentation pseudo-label pixels that differ"),
+                      ("aff_label", "affinity-label tokens that differ"), ("flags", "local-view flags that differ")):
         if key in ref:
-            n = (ref[key] != got[key]).sum().item()
-            rows.append(f"  {what} that differ: {n} of {ref[key].numel()} ({100 * n / ref[key].numel():.3f} %)")
+            cells = [f"{100 * (ref[key] != p[key]).sum().item() / ref[key].numel():.3f} % "
+                     f"({(ref[key] != p[key]).sum().item()} / {ref[key].numel()})" for p in paths]
+            rows.append(f"| {what} | | {' | '.join(cells)} |")
     if "cams_in" in ref:
-        rows.append(f"  largest |CAM difference| (CAMs in [0, 1]): {(ref['cams_in'] - got['cams_in']).abs().max():.2e}")
+        cells = [f"{(ref['cams_in'] - p['cams_in']).abs().max():.1e}" for p in paths]
+        rows.append(f"| largest CAM difference (present classes, CAM in [0, 1]) | | {' | '.join(cells)} |")
     for k, v in ref["terms"].items():
-        w = got["terms"][k]
-        rows.append(f"  {names[k]:13s} fp32 {v: .6e}  bf16 {w: .6e}  relative change {abs(w - v) / abs(v):.2e}")
+        cells = [f"{abs(p['terms'][k] - v) / abs(v):.1e}" for p in paths]
+        rows.append(f"| `{names[k]}` relative change | {v:.4g} | {' | '.join(cells)} |")
     return rows
 
 
@@ -143,11 +146,10 @@ def main(argv: list[str] | None = None) -> None:
           f"depth {len(model.backbone.blocks)}), crop {cfg.data.crop_size}, batch {cfg.train.batch_size}, step {step}, "
           f"threads {torch.get_num_threads()}")
     ref = recorded_step(model, batch, step, cfg, autocast=False, bf16_cam=False)
-    for title, bf16_cam in (("bf16 autocast, labels in fp32 (fastwsss now)", False),
-                            ("bf16 autocast, CAM conv in bf16 (before)", True)):
-        print(title + ":")
-        print("\n".join(compare(ref, recorded_step(model, batch, step, cfg, autocast=True, bf16_cam=bf16_cam),
-                                names)))
+    paths = [recorded_step(model, batch, step, cfg, autocast=True, bf16_cam=b) for b in (False, True)]
+    print("| fp32 vs bf16 autocast | fp32 value | bf16, labels in fp32 (now) | bf16, CAM conv in bf16 (before) |")
+    print("|---|---|---|---|")
+    print("\n".join(compare(ref, paths, names)))
 
 
 if __name__ == "__main__":

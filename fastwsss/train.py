@@ -243,7 +243,7 @@ def train(cfg: Config) -> dict:
                 logged = {name: (means[k][0] / counts[k], weights[k], means[k][1] / counts[k])
                           for k, name in log_names.items() if k in means}  # in the authors' order
                 record = {"step": step, "lr": lr, "it_per_s": n / (now - t_log),
-                          "loss": sum(wv for _, _, wv in logged.values()),
+                          **({"loss": sum(wv for _, _, wv in logged.values())} if logged else {}),  # none if all skipped
                           **{k: wv / counts[k] for k, (_, wv) in means.items()},  # weighted, under our term names
                           **{name: v for name, (v, _, _) in logged.items()}}  # unweighted, under the authors' names
                 metrics.write(json.dumps(record) + "\n")
@@ -256,7 +256,8 @@ def train(cfg: Config) -> dict:
                         tensorboard.add_scalar(f"loss/{name}", v, step)
                         tensorboard.add_scalar(f"loss_weighted/{name}", wv, step)
                     for key in ("loss", "lr", "it_per_s"):
-                        tensorboard.add_scalar(f"train/{key}", record[key], step)
+                        if key in record:
+                            tensorboard.add_scalar(f"train/{key}", record[key], step)
                     tensorboard.flush()
                 sums, counts, t_log, step_log = {}, {}, now, step
             if step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters:
