@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
+
+
+@contextmanager
+def fp32_arithmetic() -> Iterator[None]:
+    """Autocast off (CPU and CUDA), as a context or a decorator: inside, fp32 inputs are computed in fp32 even when
+    the caller runs under autocast. Everything cut by a CAM threshold or fed to PAR runs in it, as the authors' fp32
+    runs did: a bf16 CAM moves pixels across the 0.25 / 0.5 / 0.7 cuts (README, "Precision")."""
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
 
 
 @torch.no_grad()
@@ -16,7 +26,8 @@ def multiscale_cams(model, x: torch.Tensor, scales: Sequence[float] = (1.0, 0.5,
     """Images [B, 3, H, W] -> (cams, cams_aux) [B, C-1, H, W] in [0, 1].
 
     Per scale: resize to int(s*H) x int(s*W), batch with the horizontal flip, CAMs upsampled to (H, W),
-    flip pair fused by element-wise max, ReLU; summed over scales; per-channel min-max normalised.
+    flip pair fused by element-wise max, ReLU; summed over scales; per-channel min-max normalised. The model runs
+    under the caller's autocast; the CAMs are fp32 from its (possibly bf16) features on (``WSSSNet.cams_from``).
 
     ``outputs``: the model's own forward of ``x`` (training step), reused as the unflipped scale-1 pass. Exact:
     the network has no dropout or drop-path, so a second forward of the same images gives the same CAMs (the
@@ -32,19 +43,23 @@ def multiscale_cams(model, x: torch.Tensor, scales: Sequence[float] = (1.0, 0.5,
             pairs = (c.split(B) for c in model.cams(torch.cat([xs, xs.flip(-1)])))
         fused = []
         for c, c_flip in pairs:
-            c, c_flip = (F.interpolate(v.float(), size=(H, W), mode="bilinear", align_corners=False)
-                         for v in (c, c_flip))
-            fused.append(torch.maximum(c, c_flip.flip(-1)).relu())
+            with fp32_arithmetic():
+                c, c_flip = (F.interpolate(v.float(), size=(H, W), mode="bilinear", align_corners=False)
+                             for v in (c, c_flip))
+                fused.append(torch.maximum(c, c_flip.flip(-1)).relu())
         total, total_aux = total + fused[0], total_aux + fused[1]
     return minmax_normalize(total), minmax_normalize(total_aux)
 
 
+@fp32_arithmetic()
 def minmax_normalize(cam: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per (image, channel) over (h, w): subtract the min, then divide by the max + eps."""
+    """Per (image, channel) over (h, w): subtract the min, then divide by the max + eps (fp32)."""
+    cam = cam.float()
     cam = cam - cam.amin(dim=(-2, -1), keepdim=True)
     return cam / (cam.amax(dim=(-2, -1), keepdim=True) + eps)
 
 
+@fp32_arithmetic()
 def cam_to_label(
     cam: torch.Tensor,
     cls_label: torch.Tensor,
@@ -62,7 +77,7 @@ def cam_to_label(
     (low, high] are ignored and <= low are background. ``img_box`` [B, 4] = (h0, h1, w0, w1): outside it
     is ignored (boxes are used as given, in the coordinates of ``cam``).
     """
-    valid = cls_label[:, :, None, None].to(cam.dtype) * cam
+    valid = cls_label[:, :, None, None].float() * cam.float()
     score, idx = valid.max(dim=1)
     label = idx + 1
     if ignore_mid:

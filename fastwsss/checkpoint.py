@@ -12,6 +12,12 @@ import torch
 
 FORMAT_VERSION = 1
 
+# Parameters of earlier model layouts that the current one no longer has, and why. A checkpoint holding one cannot be
+# loaded: dropping a trained parameter would silently change what the network computes.
+REMOVED_PARAMETERS = {
+    "decoder.2.bias": "its LargeFOV decoder's middle 3x3 conv has a bias; the authors' decoder has none (SPEC §2)",
+}
+
 
 def rng_state() -> dict:
     return {
@@ -63,3 +69,12 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path} is not a fastwsss checkpoint (missing {', '.join(missing)})")
     state["path"] = str(path)
     return state
+
+
+def check_model_layout(weights: dict, source: str | Path) -> None:
+    """Raise a clear error if the model weights ``weights`` are of an earlier fastwsss layout (REMOVED_PARAMETERS)."""
+    stale = [f"{key}: {why}" for key, why in REMOVED_PARAMETERS.items() if key in weights]
+    if stale:
+        raise ValueError(f"checkpoint {source} was written by an earlier fastwsss whose model differs from this one "
+                         f"({'; '.join(stale)}). Its weights cannot be loaded without changing its predictions: "
+                         "retrain, or use the fastwsss version that wrote it.")

@@ -131,6 +131,8 @@ class QuirkConfig:
     share_local_flip: bool = False  # true: the local view shares the image's flip (faithful: independent flip)
     flip_box: bool = False  # true: flip img_box with the image (faithful: box computed before the flip, not flipped)
     exact_reg_grad: bool = False  # true: exact gradient of the regularisation loss (faithful: -2 AS / B * ROI)
+    round_denorm: bool = False  # true: PAR's uint8 image rounds the de-normalised levels (faithful: truncates, so 32
+    #   of the 768 channel levels come back one lower)
 
 
 @dataclass
@@ -182,6 +184,7 @@ class InferConfig:
 class RunConfig:
     dir: str | None = None  # default runs/<name>/<timestamp>
     resume: str | None = None  # a run directory or a checkpoint file to continue from
+    tensorboard: bool = False  # also log the metrics.jsonl values to <run dir>/tensorboard (needs tensorboard)
 
 
 @dataclass

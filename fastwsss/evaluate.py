@@ -118,6 +118,7 @@ def evaluate_model(
     par_dilations: tuple[int, ...] = DEFAULT_DILATIONS,
     par_num_iter: int = 10,
     par_backend: str = "auto",
+    round_denorm: bool = False,
     seg_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     crf: CRFRunner | None = None,
     save_dir: str | Path | None = None,
@@ -177,7 +178,7 @@ def evaluate_model(
         if "pseudo" in modes:
             pseudo = refine_seg_label(cams.float(), cls_label, x, None, high_thresh=high_thresh,
                                       low_thresh=low_thresh, par_dilations=par_dilations, par_num_iter=par_num_iter,
-                                      par_backend=par_backend)
+                                      par_backend=par_backend, round_denorm=round_denorm)
             labels["pseudo"] = pseudo.masked_fill(pseudo == IGNORE_INDEX, 0).cpu()
         for m in modes:
             if m != CRF_MODE:
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
                 high_thresh=c.high_thresh, low_thresh=c.low_thresh, device=device, autocast=autocast,
                 num_vis=args.num_vis if args.vis else 0, vis_path=args.vis, num_workers=i.num_workers,
                 par_dilations=tuple(c.par_dilations), par_num_iter=c.par_num_iter, par_backend=cfg.kernels.backend,
-                seg_fn=seg_fn, crf=crf, save_dir=args.save_predictions, progress=True)
+                round_denorm=cfg.quirks.round_denorm, seg_fn=seg_fn, crf=crf, save_dir=args.save_predictions, progress=True)
         finally:
             if crf is not None:
                 crf.close()

@@ -265,7 +265,7 @@ def pseudo_label(cfg: Config, cams: torch.Tensor, cls_label: torch.Tensor, x: to
     c = cfg.cam
     label = refine_seg_label(cams, cls_label.float(), x, None, high_thresh=c.high_thresh, low_thresh=c.low_thresh,
                              par_dilations=tuple(c.par_dilations), par_num_iter=c.par_num_iter,
-                             par_backend=cfg.kernels.backend)
+                             par_backend=cfg.kernels.backend, round_denorm=cfg.quirks.round_denorm)
     return label[0].to(torch.uint8).cpu().numpy()
 
 

@@ -3,10 +3,12 @@ flags: ``LOCAL_VIEWS`` below. ``cam`` is the classification baseline (cls + cls_
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from .cams import multiscale_cams
+from .cams import fp32_arithmetic, multiscale_cams
 from .config import Config
 from .data.transforms import denormalize
 from .losses import contrast_loss, reg_loss, seg_loss
@@ -14,9 +16,10 @@ from .models import WSSSNet, dropped_class_tokens, ema_update, forward_features,
 from .pseudo import affinity_label, refine_seg_label
 
 
+@fp32_arithmetic()
 def roi_map(cams: torch.Tensor, cls_label: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """[B, C-1, h, w] -> [B, h, w]: 0 where the best present-class CAM <= low, 2 where >= high, else 1."""
-    score = (cls_label[:, :, None, None].to(cams.dtype) * cams).amax(1)
+    score = (cls_label[:, :, None, None].float() * cams.float()).amax(1)
     roi = torch.ones_like(score)
     roi[score <= low] = 0
     roi[score >= high] = 2
@@ -44,7 +47,8 @@ def toco_local_views(model: WSSSNet, batch: dict, cams: torch.Tensor, cams_aux: 
     cols = (cx[..., None] + offs)[..., None, :].expand(B, M, S, S)
     b = torch.arange(B, device=roi.device)[:, None, None, None].expand(B, M, S, S)
     crops = local.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 1, 4, 2, 3)  # [B, M, 3, S, S]
-    flags = (roi[b, rows, cols].mean(dim=(2, 3)) > cfg.contrast.neg_thresh).float()
+    with fp32_arithmetic():
+        flags = (roi[b, rows, cols].mean(dim=(2, 3)) > cfg.contrast.neg_thresh).float()
     tokens = forward_features(model.backbone, crops.reshape(B * M, *crops.shape[2:]), model.aux_layer)[0]
     return tokens.reshape(B, M, -1), flags
 
@@ -57,15 +61,38 @@ def mcc_local_views(model: WSSSNet, batch: dict, cams: torch.Tensor, cams_aux: t
     src = cams_aux if step <= cfg.contrast.mcc_aux_cam_until else cams
     p = model.backbone.patch_embed.patch_size[0]
     grid = (src.shape[-2] // p, src.shape[-1] // p)
-    cam_tok = F.interpolate(src, size=grid, mode="bicubic", align_corners=False)
-    roi = roi_map(cam_tok, batch["cls_label"], cfg.cam.low_thresh, cfg.cam.high_thresh).flatten(1)  # [B, N]
-    vis = keep.float()
-    flags = ((roi[:, None] * vis).sum(-1) > cfg.contrast.neg_thresh * vis.sum(-1)).float()
+    with fp32_arithmetic():
+        cam_tok = F.interpolate(src.float(), size=grid, mode="bicubic", align_corners=False)
+        roi = roi_map(cam_tok, batch["cls_label"], cfg.cam.low_thresh, cfg.cam.high_thresh).flatten(1)  # [B, N]
+        vis = keep.float()
+        flags = ((roi[:, None] * vis).sum(-1) > cfg.contrast.neg_thresh * vis.sum(-1)).float()
     forward = dropped_class_tokens if cfg.contrast.mcc_forward == "drop" else masked_class_tokens
     return forward(model.backbone, batch["local"], keep, backend=cfg.kernels.backend), flags
 
 
 LOCAL_VIEWS = {"toco": toco_local_views, "mcc": mcc_local_views}
+
+# Each term's name in the authors' training logs (their `Iter: ...; LR: ...; cls_loss: ..., ...` lines), per method:
+# the training log and metrics.jsonl use them for the unweighted values. Where a name is assumed, not read from an
+# official log, README "Training logs" says so.
+LOG_NAMES = {
+    "cam": {"cls": "cls_loss", "cls_aux": "cls_loss_aux"},
+    "toco": {"cls": "cls_loss", "cls_aux": "cls_loss_aux", "aff": "ptc_loss", "con": "ctc_loss", "seg": "seg_loss",
+             "reg": "reg_loss"},
+    "mcc": {"cls": "cls_loss", "cls_aux": "cls_loss_aux", "aff": "aff_loss", "con": "con_loss", "seg": "seg_loss",
+            "reg": "reg_loss"},
+}
+
+
+class Term(NamedTuple):
+    """One loss term of a step: its unweighted value (what the authors' logs print) and its weight in the total."""
+
+    value: torch.Tensor
+    weight: float
+
+    @property
+    def weighted(self) -> torch.Tensor:
+        return self.weight * self.value
 
 
 def term_weights(cfg: Config, step: int) -> dict[str, float]:
@@ -75,14 +102,14 @@ def term_weights(cfg: Config, step: int) -> dict[str, float]:
             for name in ("aff", "con", "seg", "reg")}
 
 
-def compute_losses(model: WSSSNet, batch: dict, step: int, cfg: Config) -> dict[str, torch.Tensor]:
-    """Weighted loss terms of one step; a term with weight 0 is not computed."""
+def compute_losses(model: WSSSNet, batch: dict, step: int, cfg: Config) -> dict[str, Term]:
+    """Loss terms of one step (the total is the sum of their ``weighted``); a term with weight 0 is not computed."""
     x, cls_label, img_box = batch["img"], batch["cls_label"], batch["img_box"]
     w = term_weights(cfg, step) if cfg.train.method != "cam" else dict.fromkeys(("aff", "con", "seg", "reg"), 0.0)
     out = model(x, with_seg=bool(w["seg"] or w["reg"]))
-    losses = {"cls": F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_label)}
+    losses = {"cls": Term(F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_label), 1.0)}
     if cfg.loss.w_cls_aux:
-        losses["cls_aux"] = cfg.loss.w_cls_aux * F.multilabel_soft_margin_loss(out.aux_logits.float(), cls_label)
+        losses["cls_aux"] = Term(F.multilabel_soft_margin_loss(out.aux_logits.float(), cls_label), cfg.loss.w_cls_aux)
     if not any(w.values()):
         return losses
 
@@ -94,22 +121,22 @@ def compute_losses(model: WSSSNet, batch: dict, step: int, cfg: Config) -> dict[
         with torch.no_grad():
             label = refine_seg_label(source, cls_label, x, img_box, high_thresh=hi, low_thresh=lo,
                                      par_dilations=tuple(cfg.cam.par_dilations), par_num_iter=cfg.cam.par_num_iter,
-                                     par_backend=backend)
+                                     par_backend=backend, round_denorm=cfg.quirks.round_denorm)
         seg = F.interpolate(out.seg_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if w["seg"]:
-            losses["seg"] = w["seg"] * seg_loss(seg, label)
+            losses["seg"] = Term(seg_loss(seg, label), w["seg"])
         if w["reg"]:
-            losses["reg"] = w["reg"] * reg_loss(
+            losses["reg"] = Term(reg_loss(
                 seg, denormalize(x.float()), img_box, label, sigma_rgb=cfg.loss.reg_sigma_rgb,
                 sigma_xy=cfg.loss.reg_sigma_xy, scale=cfg.loss.reg_scale, exact_grad=cfg.quirks.exact_reg_grad,
-                backend=backend)
+                backend=backend), w["reg"])
     if w["aff"]:
         from fastwsss.kernels import token_affinity_loss
 
         aff_label = affinity_label(cams_aux, cls_label, img_box, out.feat.shape[-2:], high_thresh=hi, low_thresh=lo,
                                    scale_box_to_grid=cfg.quirks.scale_box_to_grid)
         feats = out.feat.flatten(2).transpose(1, 2)  # [B, N, D]
-        losses["aff"] = w["aff"] * token_affinity_loss(feats, aff_label, backend=backend)
+        losses["aff"] = Term(token_affinity_loss(feats, aff_label, backend=backend), w["aff"])
     if w["con"]:
         local_tokens, local_flags = LOCAL_VIEWS[cfg.train.method](model, batch, cams, cams_aux, step, cfg)
         g2 = forward_features(model.backbone, batch["global2"], model.aux_layer)[0]
@@ -118,6 +145,6 @@ def compute_losses(model: WSSSNet, batch: dict, step: int, cfg: Config) -> dict[
         with torch.no_grad():  # the teacher reuses the student's (detached) global features: no dropout anywhere
             teacher = model.proj_head_t(torch.stack([out.cls_token, g2], dim=1).detach())
         flags = torch.cat([local_flags.new_ones(x.shape[0], 2), local_flags], dim=1)
-        losses["con"] = w["con"] * contrast_loss(teacher, student, flags, cfg.loss.temperature,
-                                                 extra_term=cfg.quirks.contrast_extra_term)
+        losses["con"] = Term(contrast_loss(teacher, student, flags, cfg.loss.temperature,
+                                           extra_term=cfg.quirks.contrast_extra_term), w["con"])
     return losses

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint
+from .checkpoint import check_model_layout, load_checkpoint
 from .config import Config, ConfigError, InferConfig, load_config
 from .crf import CRFParams, CRFRunner
 from .models import WSSSNet, build_model
@@ -89,6 +89,7 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device: to
     cfg.model.pretrained = ""
     model = build_model(cfg.model, cfg.data.num_classes)
     weights = {k: v for k, v in state["model"].items() if not k.startswith(("proj_head.", "proj_head_t."))}
+    check_model_layout(weights, state["path"])
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

@@ -7,12 +7,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cams import cam_to_label, ignore_outside_box
+from .cams import cam_to_label, fp32_arithmetic, ignore_outside_box
 from .data import IGNORE_INDEX
-from .data.transforms import denormalize
+from .data.transforms import denormalize_uint8
 from .kernels.par import DEFAULT_DILATIONS
 
 
+@fp32_arithmetic()
 def refine_seg_label(
     cams: torch.Tensor,
     cls_label: torch.Tensor,
@@ -25,6 +26,7 @@ def refine_seg_label(
     par_dilations: tuple[int, ...] = DEFAULT_DILATIONS,
     par_num_iter: int = 10,
     par_backend: str = "auto",
+    round_denorm: bool = False,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """CAMs [B, C-1, H, W] in [0, 1] -> segmentation label [B, H, W] (SPEC §4.2).
@@ -36,12 +38,15 @@ def refine_seg_label(
     slots are never chosen), and both channel sets go through one PAR call, sharing the image affinity (exact: PAR
     is per channel). Fusion: high's label, its background -> ignore, background where both say background;
     outside img_box ignore.
+
+    PAR sees the reference's uint8 image (``denormalize_uint8``: truncated levels; ``round_denorm`` rounds them).
     """
     from fastwsss.kernels import par
 
     B, _, H, W = cams.shape
+    cams = cams.float()
     size = (H // down_scale, W // down_scale)
-    img = denormalize(images.float()).clamp(0, 255).to(torch.uint8).float() / 255.0  # the reference's uint8 image
+    img = denormalize_uint8(images, round_levels=round_denorm).float() / 255.0
     img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
     present = torch.cat([cls_label.new_ones(B, 1), cls_label], dim=1).bool()  # [B, C]
     K = int(present.sum(1).max())
@@ -74,6 +79,7 @@ def scale_box(img_box: torch.Tensor, image_size: tuple[int, int], grid: tuple[in
     return torch.stack([h0 * h // H, (h1 * h + H - 1) // H, w0 * w // W, (w1 * w + W - 1) // W], dim=-1)
 
 
+@fp32_arithmetic()
 def affinity_label(
     cams_aux: torch.Tensor,
     cls_label: torch.Tensor,
@@ -90,7 +96,7 @@ def affinity_label(
     Faithful default: ``img_box`` (image pixels) is applied to the token grid as is (the reference quirk, which
     drops affinity supervision on padded crops); ``scale_box_to_grid`` maps it onto the grid instead.
     """
-    cam = F.interpolate(cams_aux, size=grid, mode="bilinear", align_corners=False)
+    cam = F.interpolate(cams_aux.float(), size=grid, mode="bilinear", align_corners=False)
     if img_box is not None and scale_box_to_grid:
         img_box = scale_box(img_box, cams_aux.shape[-2:], grid)
     label = cam_to_label(cam, cls_label, img_box, ignore_mid=True, high_thresh=high_thresh, low_thresh=low_thresh,

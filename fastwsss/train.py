@@ -9,6 +9,7 @@ saved config.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import math
@@ -24,11 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import version_string
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import check_model_layout, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, load_config, packaged_configs_help, to_yaml
 from .data import EvalDataset, ResumableSampler, TrainDataset, class_names, open_splits
 from .evaluate import EVAL_MODES, class_pixel_prior, evaluate_model, format_table, trivial_baselines
-from .methods import compute_losses
+from .methods import LOG_NAMES, compute_losses
 from .models import WSSSNet, build_model
 
 log = logging.getLogger("fastwsss")
@@ -60,6 +61,33 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: Config) -> float:
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * mult
     return optimizer.param_groups[0]["lr"]
+
+
+def log_line(step: int, elapsed_s: float, eta_s: float, lr: float, terms: dict[str, tuple[float, float, float]]
+             ) -> str:
+    """The authors' log line, each term beside its weighted value and the total: ``Iter: 100; Elasped: 0:01:23;
+    ETA: 0:20:00; LR: 5.999e-05; cls_loss: 0.1234 (x1 = 0.1234), ptc_loss: 0.5000 (x0.2 = 0.1000); loss: 0.2234``.
+    ``terms``: log name -> (unweighted, weight, weighted). "Elasped" is the authors' spelling, kept so that one parser
+    (``fastwsss.plot``) reads both logs."""
+    def hms(s: float) -> str:
+        return str(datetime.timedelta(seconds=int(s)))
+
+    def num(v: float) -> str:  # the authors' %.4f, but small terms (the reg loss, ~1e-5) keep their digits
+        return f"{v:.4f}" if v == 0 or abs(v) >= 1e-2 or not math.isfinite(v) else f"{v:.3e}"
+
+    parts = ", ".join(f"{name}: {num(v)} (x{w:g} = {num(wv)})" for name, (v, w, wv) in terms.items())
+    total = sum(wv for _, _, wv in terms.values())
+    return f"Iter: {step}; Elasped: {hms(elapsed_s)}; ETA: {hms(eta_s)}; LR: {lr:.3e}; {parts}; loss: {num(total)}"
+
+
+def open_tensorboard(log_dir: Path):
+    """A torch.utils.tensorboard SummaryWriter, or an error that says how to install it (``run.tensorboard``)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError(f"run.tensorboard=true needs the tensorboard package ({err}): pip install "
+                          "'fastwsss[tensorboard]', or set run.tensorboard=false") from None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,6 +125,7 @@ class Evaluator:
             num_vis=self.cfg.eval.num_vis, vis_path=self.run_dir / "vis" / f"val_{step:06d}.png",
             num_workers=min(self.cfg.data.num_workers, 2), batch_size=self.cfg.eval.batch_size,
             par_dilations=tuple(c.par_dilations), par_num_iter=c.par_num_iter, par_backend=self.cfg.kernels.backend,
+            round_denorm=self.cfg.quirks.round_denorm,
         )
         columns = {**results, **self.baselines}
         tqdm.write(f"\n[eval @ {step}] {len(self.dataset)} val images, {time.time() - t0:.1f} s; IoU %:\n"
@@ -139,6 +168,7 @@ def train(cfg: Config) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step = 0
     if resume is not None:
+        check_model_layout(resume["model"], resume["path"])
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
@@ -159,6 +189,8 @@ def train(cfg: Config) -> dict:
                         num_workers=cfg.data.num_workers, drop_last=True, pin_memory=device.type == "cuda",
                         persistent_workers=cfg.data.num_workers > 0)
     evaluator = Evaluator(cfg, val_items, class_pixel_prior(train_items.pixel_counts), run_dir, device, autocast)
+    tensorboard = open_tensorboard(run_dir / "tensorboard") if cfg.run.tensorboard else None
+    log_names = LOG_NAMES[cfg.train.method]
 
     def checkpoint(it: int) -> None:
         save_checkpoint(run_dir / "checkpoints" / "last.pt", {
@@ -171,11 +203,14 @@ def train(cfg: Config) -> dict:
                          for s in (signal.SIGINT, signal.SIGTERM)}
     stop = min(cfg.train.stop_at or cfg.train.max_iters, cfg.train.max_iters)
     metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in the loop's finally)
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}  # term -> (unweighted, weighted) summed over the interval's steps
+    counts: dict[str, int] = {}  # steps of the interval that computed the term
+    weights: dict[str, float] = {}
     skipped = 0
     last_eval: dict = {}
     bar = tqdm(total=cfg.train.max_iters, initial=step, desc=cfg.name, dynamic_ncols=True, mininterval=2.0)
     t_log, step_log = time.time(), step
+    t_start, step_start = t_log, step
     model.train()
     batches = iter(loader)
     try:
@@ -183,37 +218,59 @@ def train(cfg: Config) -> dict:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
             lr = set_lr(optimizer, step, cfg)
             with autocast():
-                losses = compute_losses(model, batch, step, cfg)
-            loss = sum(losses.values())
+                terms = compute_losses(model, batch, step, cfg)
+            loss = sum(t.weighted for t in terms.values())
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):  # one scalar sync per step: a NaN must never reach the weights
                 skipped += 1
-                log.warning("step %d: non-finite loss %s, step skipped", step,
-                            {k: float(v) for k, v in losses.items()})
+                log.warning("step %d: non-finite loss, step skipped; unweighted terms %s", step,
+                            {log_names[k]: float(t.value) for k, t in terms.items()})
                 if skipped >= 10:
                     raise FloatingPointError(f"{skipped} non-finite losses; last at step {step}")
             else:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0) + v.detach()
+                for k, t in terms.items():
+                    sums[k] = sums.get(k, 0) + torch.stack([t.value.detach().float(), t.weighted.detach().float()])
+                    counts[k] = counts.get(k, 0) + 1
+                    weights[k] = t.weight
             step += 1
             bar.update(1)
 
             if step % cfg.train.log_interval == 0 or step == stop:
-                n = step - step_log
-                values = dict(zip(sums, torch.stack(list(sums.values())).div(n).tolist())) if sums else {}
-                rate = n / (time.time() - t_log)
-                record = {"step": step, "lr": lr, "it_per_s": rate, **values}
+                n, now = step - step_log, time.time()
+                means = dict(zip(sums, torch.stack(list(sums.values())).tolist())) if sums else {}  # one host sync
+                # log name -> (unweighted, weight, weighted), each the mean over the steps that computed it
+                logged = {name: (means[k][0] / counts[k], weights[k], means[k][1] / counts[k])
+                          for k, name in log_names.items() if k in means}  # in the authors' order
+                record = {"step": step, "lr": lr, "it_per_s": n / (now - t_log),
+                          **({"loss": sum(wv for _, _, wv in logged.values())} if logged else {}),  # none if all skipped
+                          **{k: wv / counts[k] for k, (_, wv) in means.items()},  # weighted, under our term names
+                          **{name: v for name, (v, _, _) in logged.items()}}  # unweighted, under the authors' names
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()} | {"lr": f"{lr:.2e}"})
-                sums, t_log, step_log = {}, time.time(), step
+                eta = (now - t_start) / (step - step_start) * (stop - step)
+                log.info(log_line(step, now - t_start, eta, lr, logged))
+                bar.set_postfix({name: f"{v:.4f}" for name, (v, _, _) in logged.items()} | {"lr": f"{lr:.2e}"})
+                if tensorboard is not None:
+                    for name, (v, _, wv) in logged.items():
+                        tensorboard.add_scalar(f"loss/{name}", v, step)
+                        tensorboard.add_scalar(f"loss_weighted/{name}", wv, step)
+                    for key in ("loss", "lr", "it_per_s"):
+                        if key in record:
+                            tensorboard.add_scalar(f"train/{key}", record[key], step)
+                    tensorboard.flush()
+                sums, counts, t_log, step_log = {}, {}, now, step
             if step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters:
                 last_eval = evaluator(model, step)
                 metrics.write(json.dumps({"eval": last_eval}) + "\n")
                 metrics.flush()
+                if tensorboard is not None:
+                    for key, value in last_eval.items():
+                        if key.endswith("_miou"):
+                            tensorboard.add_scalar(f"eval/{key}", value, step)
+                    tensorboard.flush()
             if step % cfg.train.ckpt_interval == 0 or step == stop:
                 checkpoint(step)
         if stop_requested:
@@ -222,6 +279,8 @@ def train(cfg: Config) -> dict:
     finally:
         bar.close()
         metrics.close()
+        if tensorboard is not None:
+            tensorboard.close()
         for s, h in previous_handlers.items():
             signal.signal(s, h)
     if last_eval:
@@ -230,12 +289,25 @@ def train(cfg: Config) -> dict:
     return last_eval
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Console log lines above the progress bar instead of through it."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except (OSError, ValueError):  # as StreamHandler: report, never raise
+            self.handleError(record)
+
+
 def _setup_logging(run_dir: Path) -> None:
     log.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     for h in list(log.handlers):
         log.removeHandler(h)
-    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "train.log")):
+    for h in (_TqdmHandler(), logging.FileHandler(run_dir / "train.log")):
         h.setFormatter(fmt)
         log.addHandler(h)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from .._compat import ensure_torchvision
@@ -23,11 +24,34 @@ def normalize(img: np.ndarray) -> np.ndarray:
     return ((img.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
 
 
-def denormalize(img):
-    """Normalised [B, 3, H, W] tensor -> float in [0, 255] (same type and device)."""
-    mean = img.new_tensor(IMAGENET_MEAN * 255.0).view(1, 3, 1, 1)
-    std = img.new_tensor(IMAGENET_STD * 255.0).view(1, 3, 1, 1)
+# The reference's de-normalisation constants, in pixel units, as its literals (SPEC §4.2). Not IMAGENET_* x 255: in
+# float32 0.224 * 255 = 57.120003, one ulp above float32(57.12) = 57.119999, which moves 26 of the 256 green levels
+# of the quantised image that PAR sees.
+DENORM_MEAN = (123.675, 116.28, 103.53)
+DENORM_STD = (58.395, 57.12, 57.375)
+
+
+def denormalize(img: torch.Tensor) -> torch.Tensor:
+    """Normalised [B, 3, H, W] -> float32 pixel units, per channel ``img * std + mean`` with the reference's literals.
+
+    The reference's arithmetic exactly: the Python literals become float32 scalars, and the multiply and the add are
+    two float32 ops, each rounded once (no fused multiply-add)."""
+    img = img.float()
+    std = img.new_tensor(DENORM_STD).view(1, 3, 1, 1)
+    mean = img.new_tensor(DENORM_MEAN).view(1, 3, 1, 1)
     return img * std + mean
+
+
+def denormalize_uint8(img: torch.Tensor, *, round_levels: bool = False) -> torch.Tensor:
+    """Normalised [B, 3, H, W] -> uint8 image, quantised as the reference does: the float -> uint8 conversion
+    truncates toward zero, so a level that de-normalises to 25.99998 comes back as 25 (with the training pipeline's
+    normalisation, 19 / 7 / 6 of the 256 R / G / B levels come back one lower). ``round_levels`` rounds to the
+    nearest level instead (``quirks.round_denorm``): every level then comes back as itself. Values are clamped to
+    [0, 255] first, which changes nothing in (-1, 256) and keeps other inputs defined."""
+    x = denormalize(img)
+    if round_levels:
+        x = x.round()
+    return x.clamp(0, 255).to(torch.uint8)
 
 
 def random_rescale(img: Image.Image, rng: np.random.Generator, scale_range: tuple[float, float]) -> Image.Image:

@@ -13,13 +13,14 @@ from .projector import ProjectionHead, make_teacher
 
 
 class LargeFOV(nn.Sequential):
-    """3x3 conv dil 5 (no bias) -> ReLU -> 3x3 conv dil 5 -> ReLU -> 1x1 conv (no bias); keeps the stride."""
+    """3x3 conv dil 5 -> ReLU -> 3x3 conv dil 5 -> ReLU -> 1x1 conv; no conv has a bias (SPEC §2, as the authors'
+    decoder); keeps the stride."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 512, dilation: int = 5):
         super().__init__(
             nn.Conv2d(in_channels, channels, 3, padding=dilation, dilation=dilation, bias=False),
             nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation),
+            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False),
             nn.ReLU(inplace=True),
             nn.Conv2d(channels, num_classes, 1, bias=False),
         )
@@ -78,9 +79,13 @@ class WSSSNet(nn.Module):
         )
 
     def cams_from(self, out: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cam, cam_aux) [B, C-1, h, w], detached: conv2d(F, classifier.weight)."""
-        cam = F.conv2d(out.feat.detach(), self.classifier.weight.detach())
-        cam_aux = F.conv2d(out.aux_feat.detach(), self.aux_classifier.weight.detach())
+        """(cam, cam_aux) [B, C-1, h, w] float32, detached: conv2d(F, classifier.weight), computed in fp32 from the
+        (possibly bf16) features even under autocast: the CAM thresholds and PAR need the authors' fp32 CAMs."""
+        from ..cams import fp32_arithmetic
+
+        with fp32_arithmetic():
+            cam = F.conv2d(out.feat.detach().float(), self.classifier.weight.detach().float())
+            cam_aux = F.conv2d(out.aux_feat.detach().float(), self.aux_classifier.weight.detach().float())
         return cam, cam_aux
 
     @torch.no_grad()
