@@ -14,11 +14,19 @@ _MAX_FEATURES = 14  # = _triton.MAX_FEATURES (not imported: importing _triton im
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _feature_count_reasons(features: torch.Tensor) -> list[str]:
+    if features.shape[1] <= _MAX_FEATURES:
+        return []
+    return [f"{features.shape[1]} feature channels (the Triton lattice takes at most {_MAX_FEATURES})"]
+
+
 def _feature_reasons(features: torch.Tensor) -> list[str]:
-    reasons = device_reasons(features)
-    if features.shape[1] > _MAX_FEATURES:
-        reasons.append(f"{features.shape[1]} feature channels (the Triton lattice takes at most {_MAX_FEATURES})")
-    return reasons
+    return device_reasons(features) + _feature_count_reasons(features)
+
+
+def triton_reasons(features: torch.Tensor, values: torch.Tensor) -> list[str]:
+    """Why the Triton lattice cannot filter these values with these features ([] = it can)."""
+    return device_reasons(features, values) + _feature_count_reasons(features) + _value_reasons(values)
 
 
 def _value_reasons(values: torch.Tensor) -> list[str]:
@@ -111,8 +119,5 @@ def permutohedral_filter(values: torch.Tensor, features: torch.Tensor, backend: 
     """
     if values.dim() != 4 or features.dim() != 4:
         raise ValueError(f"values and features must be 4-d, got {tuple(values.shape)} and {tuple(features.shape)}")
-    reasons = device_reasons(values, features) + _value_reasons(values)
-    if features.shape[1] > _MAX_FEATURES:
-        reasons.append(f"{features.shape[1]} feature channels (the Triton lattice takes at most {_MAX_FEATURES})")
-    backend = resolve_backend(backend, "permutohedral_filter", reasons)
+    backend = resolve_backend(backend, "permutohedral_filter", triton_reasons(features, values))
     return PermutohedralLattice(features, backend=backend).filter(values)
