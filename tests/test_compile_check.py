@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
-import compile_check  # noqa: E402
+import compile_check
 
 KERNELS = {  # every @triton.jit kernel the project launches
     "masked_key_attention_fwd_kernel", "masked_key_attention_bwd_dkdv_kernel", "masked_key_attention_bwd_kernel",
