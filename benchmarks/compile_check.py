@@ -158,11 +158,11 @@ def run_cases(rec: Recorder, quick: bool) -> None:
     import torch.nn.functional as F
     from torch import nn
 
-    from fastwsss.crf import CRFParams, dense_crf_torch
     from fastwsss.data.transforms import random_key_masks
+    from fastwsss.inference.crf import CRFParams, dense_crf_torch
     from fastwsss.kernels import PermutohedralLattice, masked_key_attention, par, token_affinity_loss
     from fastwsss.kernels.attention import MaskedKeyAttention, masked_self_attention, packed_self_attention
-    from fastwsss.losses import bilateral_features, reg_loss
+    from fastwsss.methods.losses import bilateral_features, reg_loss
     from fastwsss.pseudo import refine_seg_label
 
     dtypes = [getattr(torch, d) for d in DTYPES]

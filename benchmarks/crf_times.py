@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fastwsss.crf import CRFParams, dense_crf_pydensecrf, dense_crf_torch
+from fastwsss.inference.crf import CRFParams, dense_crf_pydensecrf, dense_crf_torch
 
 
 def photographs(size: tuple[int, int]) -> list[tuple[str, np.ndarray]]:

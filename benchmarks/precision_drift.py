@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastwsss import methods, pseudo
+from fastwsss import pseudo
 from fastwsss.checkpoint import check_model_layout, load_checkpoint
 from fastwsss.config import load_config
 from fastwsss.data import ResumableSampler, TrainDataset, open_splits
-from fastwsss.models import WSSSNet, build_model
-from fastwsss.predict import config_from_checkpoint
-from fastwsss.train import train
+from fastwsss.inference.predict import config_from_checkpoint, model_from_config
+from fastwsss.methods import step as methods  # compute_losses looks its helpers up here: the patches go here
+from fastwsss.models import WSSSNet
+from fastwsss.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.train.seed)
     projector = {"out_dim": cfg.contrast.proj_dim, "hidden_dim": cfg.contrast.proj_hidden,
                  "bottleneck_dim": cfg.contrast.proj_bottleneck}
-    model = build_model(cfg.model, cfg.data.num_classes, projector)
+    model = model_from_config(cfg.model, cfg.data.num_classes, projector)
     weights = None
     if args.checkpoint:  # e.g. a classification-only (train.method=cam) run: no projector in it
         weights = state["model"]

@@ -27,7 +27,7 @@ import torch
 
 from fastwsss.config import load_config
 from fastwsss.data.synthetic import generate_dataset
-from fastwsss.train import train
+from fastwsss.training import train
 
 PATHS = {
     "reference": ["train.precision=fp32", "kernels.backend=torch", "contrast.mcc_forward=masked"],

@@ -1,13 +1,16 @@
 """fastwsss.kernels: fused ops and their exact PyTorch references.
 
 Depends on torch (and triton) only; nothing here imports the rest of fastwsss, so the ops drop into any ViT.
-Each public op takes ``backend="auto"|"triton"|"torch"`` (see ``_backend.py``).
+Each public op takes ``backend="auto"|"triton"|"torch"``; ``device_reasons`` and ``resolve_backend`` make the same
+choice for a caller's own code path (see ``_backend.py``).
 """
 
+from ._backend import device_reasons, resolve_backend
 from .affinity import token_affinity_loss
 from .attention import MaskedKeyAttention, masked_key_attention, swap_attention, varlen_attention
 from .lattice import PermutohedralLattice, permutohedral_filter
 from .par import par, par_affinity, par_propagate
 
-__all__ = ["MaskedKeyAttention", "PermutohedralLattice", "masked_key_attention", "par", "par_affinity", "par_propagate",
-           "permutohedral_filter", "swap_attention", "token_affinity_loss", "varlen_attention"]
+__all__ = ["MaskedKeyAttention", "PermutohedralLattice", "device_reasons", "masked_key_attention", "par", "par_affinity",
+           "par_propagate", "permutohedral_filter", "resolve_backend", "swap_attention", "token_affinity_loss",
+           "varlen_attention"]

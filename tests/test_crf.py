@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fastwsss.config import InferConfig
-from fastwsss.crf import CRFParams, CRFRunner, dense_crf, dense_crf_torch
 from fastwsss.data import SegmentationList, read_image, read_mask
-from fastwsss.predict import crf_params
+from fastwsss.inference.crf import CRFParams, CRFRunner, dense_crf, dense_crf_torch
+from fastwsss.inference.predict import crf_params
 
 pytest.importorskip("pydensecrf.densecrf")
 AGREE = 0.999  # the bar: >= 99.9 % of pixels get the same label

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastwsss.cams import cam_to_label, minmax_normalize, multiscale_cams
-from fastwsss.evaluate import ConfusionMatrix, format_table
+from fastwsss.inference.metrics import ConfusionMatrix, format_table
+from fastwsss.pseudo import cam_to_label, minmax_normalize, multiscale_cams
 
 
 def test_miou_against_hand_computed_confusion_matrix():

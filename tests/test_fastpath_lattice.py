@@ -9,7 +9,7 @@ import math
 import pytest
 
 import fastwsss.kernels as fk
-from fastwsss.train import train
+from fastwsss.training import train
 
 _LATTICE = fk.PermutohedralLattice
 STEPS = 3
@@ -52,7 +52,7 @@ def test_reg_loss_value_and_gradient_triton_vs_torch(exact_grad):
     gradient and with the exact one (which filters the reverse way on the same lattice)."""
     import torch
 
-    from fastwsss.losses import reg_loss
+    from fastwsss.methods.losses import reg_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 4, 20, 26, generator=g)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastwsss.kernels._backend import INTERPRET
-from fastwsss.train import train
+from fastwsss.training import train
 
 pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
                                 reason="Triton needs CUDA or TRITON_INTERPRET=1")

@@ -8,9 +8,9 @@ from torch import nn
 
 from fastwsss.checkpoint import load_checkpoint, save_checkpoint
 from fastwsss.data.transforms import denormalize, denormalize_uint8, normalize
+from fastwsss.inference.predict import load_model
 from fastwsss.models import WSSSNet, create_vit
-from fastwsss.predict import load_model
-from fastwsss.train import train
+from fastwsss.training import train
 
 LEVELS = np.arange(256, dtype=np.uint8)
 

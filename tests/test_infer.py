@@ -13,14 +13,14 @@ import torch
 
 from fastwsss.checkpoint import save_checkpoint
 from fastwsss.config import ConfigError, to_yaml
-from fastwsss.crf import CRFRunner
 from fastwsss.data import EvalDataset, SegmentationList, read_mask
-from fastwsss.evaluate import CRF_MODE, evaluate_model, evaluate_predictions
 from fastwsss.evaluate import main as evaluate_main
-from fastwsss.infer import list_images
 from fastwsss.infer import main as infer_main
-from fastwsss.models import build_model
-from fastwsss.predict import load_model, multiscale_seg_logits
+from fastwsss.inference.crf import CRFRunner
+from fastwsss.inference.evaluation import CRF_MODE, evaluate_model, evaluate_predictions
+from fastwsss.inference.export import list_images
+from fastwsss.inference.predict import load_model, multiscale_seg_logits
+from fastwsss.inference.predict import model_from_config as build_model
 
 FAST = ["kernels.backend=torch", "infer.num_workers=0", "infer.scales=[1.0,0.5]", "infer.crf_workers=2"]
 

@@ -10,7 +10,7 @@ from PIL import Image
 from fastwsss.methods import LOG_NAMES
 from fastwsss.plot import main as plot_main
 from fastwsss.plot import parse_log, plot_curves, run_series
-from fastwsss.train import train
+from fastwsss.training import train
 
 ALL_TERMS = ["loss.seg_start=0", "loss.reg_start=0", "contrast.toco_crop_size=16", "contrast.proj_hidden=64",
              "contrast.proj_bottleneck=16", "contrast.proj_dim=32", "contrast.num_local=3", "train.max_iters=4",

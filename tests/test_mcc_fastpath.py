@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fastwsss.models import backbone
-from fastwsss.train import train
+from fastwsss.training import train
 
 # contrast on from step 0; the terms that use other kernels (affinity, PAR, lattice) off, so `kernels.backend`
 # switches only the local views; stop after 3 of 100 iterations: same lr schedule, no evaluation

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastwsss.cams import multiscale_cams
 from fastwsss.data.transforms import contrast_sample, denormalize, random_key_masks
-from fastwsss.losses import contrast_loss, seg_loss
-from fastwsss.methods import roi_map, term_weights
+from fastwsss.methods import term_weights
+from fastwsss.methods.losses import contrast_loss, seg_loss
 from fastwsss.models import (
     ProjectionHead,
     WSSSNet,
@@ -19,7 +18,7 @@ from fastwsss.models import (
     forward_features,
     masked_class_tokens,
 )
-from fastwsss.pseudo import affinity_label, refine_seg_label, scale_box
+from fastwsss.pseudo import affinity_label, multiscale_cams, refine_seg_label, roi_map, scale_box
 
 
 @pytest.fixture
@@ -268,7 +267,7 @@ def _reg_inputs(seed=0):
 
 def test_reg_loss_value_and_reference_gradient():
     from fastwsss.kernels import PermutohedralLattice
-    from fastwsss.losses import bilateral_features, reg_loss
+    from fastwsss.methods.losses import bilateral_features, reg_loss
 
     logits, images, box, label = _reg_inputs()
     size = (8, 10)
@@ -289,7 +288,7 @@ def test_reg_loss_value_and_reference_gradient():
     torch.testing.assert_close(loss, expected.float(), rtol=1e-5, atol=0)
     # the reference's gradient w.r.t. the downscaled probabilities: -2 AS / B * ROI (times the 1e-7 weight)
     probs_ref = probs.detach().requires_grad_()
-    from fastwsss.losses import _GatedCRFLoss
+    from fastwsss.methods.losses import _GatedCRFLoss
 
     (1e-7 * _GatedCRFLoss.apply(probs_ref, bilateral_features(img, 15.0, 50.0), roi, gate, False)).backward()
     torch.testing.assert_close(probs_ref.grad, -2e-7 * AS / 2 * roi, rtol=1e-5, atol=1e-12)
@@ -299,7 +298,7 @@ def test_reg_loss_value_and_reference_gradient():
 
 def test_reg_loss_exact_gradient_switch():
     from fastwsss.kernels import PermutohedralLattice
-    from fastwsss.losses import _GatedCRFLoss, bilateral_features
+    from fastwsss.methods.losses import _GatedCRFLoss, bilateral_features
 
     g = torch.Generator().manual_seed(1)
     probs = torch.rand(1, 2, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)

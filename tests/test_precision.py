@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastwsss.cams import cam_to_label, multiscale_cams
 from fastwsss.data.transforms import random_key_masks
-from fastwsss.methods import mcc_local_views, roi_map, toco_local_views
-from fastwsss.models import build_model, network
-from fastwsss.pseudo import affinity_label, refine_seg_label
+from fastwsss.inference.predict import model_from_config as build_model
+from fastwsss.methods import mcc_local_views, toco_local_views
+from fastwsss.models import network
+from fastwsss.pseudo import affinity_label, cam_to_label, multiscale_cams, refine_seg_label, roi_map
 
 
 def bf16_features(autocast_dtype: torch.dtype):

@@ -1,6 +1,6 @@
 import pytest
 
-from fastwsss.train import lr_multiplier
+from fastwsss.training import lr_multiplier
 
 
 @pytest.mark.parametrize("step, expected", [(0, 6e-11), (199, 7.96e-6), (1500, 5.59e-5), (19999, 8.08e-9)])

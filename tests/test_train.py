@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fastwsss.checkpoint import load_checkpoint
-from fastwsss.train import main, train
+from fastwsss.train import main
+from fastwsss.training import train
 
 
 def test_training_run_writes_a_complete_run_directory(tiny_config, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import DataConfig
 from .datasets import (
     IGNORE_INDEX,
@@ -13,22 +15,25 @@ from .datasets import (
     read_image,
     read_mask,
 )
+from .synthetic import generate_dataset
 
 __all__ = ["IGNORE_INDEX", "DataError", "EvalDataset", "ResumableSampler", "SegmentationList", "TrainDataset",
-           "class_names", "open_splits", "read_image", "read_mask"]
+           "class_names", "open_split", "open_splits", "read_image", "read_mask"]
+
+
+def open_split(cfg: DataConfig, split: str) -> SegmentationList:
+    """One split list of ``cfg``'s dataset (the COCO layout for ``coco``, VOC's for ``voc`` and ``synthetic``)."""
+    layout = "coco" if cfg.dataset == "coco" else "voc"
+    return SegmentationList(cfg.root, split, layout, cfg.num_classes)
 
 
 def open_splits(cfg: DataConfig) -> tuple[SegmentationList, SegmentationList]:
     """Train and val split lists of ``cfg``; synthetic data is generated into ``cfg.root`` first if missing."""
-    layout = "coco" if cfg.dataset == "coco" else "voc"
     if cfg.dataset == "synthetic":
-        from .synthetic import generate_dataset
-
         s = cfg.synthetic
         generate_dataset(cfg.root, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed,
                          num_workers=min(cfg.num_workers, 2))
-    return (SegmentationList(cfg.root, cfg.train_split, layout, cfg.num_classes),
-            SegmentationList(cfg.root, cfg.val_split, layout, cfg.num_classes))
+    return open_split(cfg, cfg.train_split), open_split(cfg, cfg.val_split)
 
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -39,8 +44,6 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 def class_names(cfg: DataConfig) -> list[str]:
     """Names from ``<root>/classes.txt`` when present (synthetic, custom data), VOC's for 21 classes,
     else ``class_<i>``."""
-    from pathlib import Path
-
     path = Path(cfg.root) / "classes.txt"
     if path.is_file():
         names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]

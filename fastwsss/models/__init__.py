@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..config import ModelConfig
 from .backbone import (
     LoadReport,
     create_vit,
@@ -20,15 +19,17 @@ __all__ = ["LargeFOV", "LoadReport", "Outputs", "ProjectionHead", "WSSSNet", "bu
            "resample_pos_embed"]
 
 
-def build_model(cfg: ModelConfig, num_classes: int, projector: dict | None = None) -> WSSSNet:
-    """Backbone per ``cfg`` (pretrained from timm or a local file when asked) plus the heads; ``projector``
-    (ProjectionHead kwargs) adds the contrast projector and its EMA teacher."""
-    vit = create_vit(
-        cfg.backbone, img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-        depth=cfg.depth, num_heads=cfg.num_heads, pretrained_timm=cfg.pretrained == "timm",
-        freeze_pos_embed=cfg.freeze_pos_embed,
-    )
-    if cfg.pretrained not in ("", "timm"):
-        load_pretrained(vit, cfg.pretrained, strict=cfg.pretrained_strict)
-    return WSSSNet(vit, num_classes, aux_layer=cfg.aux_layer, decoder_channels=cfg.decoder_channels,
-                   decoder_dilation=cfg.decoder_dilation, projector=projector)
+def build_model(num_classes: int, *, backbone: str, pretrained: str = "", pretrained_strict: bool = True,
+                img_size: int = 224, patch_size: int | None = None, embed_dim: int | None = None,
+                depth: int | None = None, num_heads: int | None = None, aux_layer: int = -3,
+                freeze_pos_embed: bool = True, decoder_channels: int = 512, decoder_dilation: int = 5,
+                projector: dict | None = None) -> WSSSNet:
+    """A timm ViT ``backbone`` (``pretrained``: "" random init, "timm" timm's hub weights, else a local file) plus
+    the heads for ``num_classes`` classes; ``projector`` (ProjectionHead kwargs) adds the contrast projector and its
+    EMA teacher. The keyword arguments are ``ModelConfig``'s fields (SPEC §1, §2)."""
+    vit = create_vit(backbone, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                     num_heads=num_heads, pretrained_timm=pretrained == "timm", freeze_pos_embed=freeze_pos_embed)
+    if pretrained not in ("", "timm"):
+        load_pretrained(vit, pretrained, strict=pretrained_strict)
+    return WSSSNet(vit, num_classes, aux_layer=aux_layer, decoder_channels=decoder_channels,
+                   decoder_dilation=decoder_dilation, projector=projector)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._compat import ensure_torchvision
-from ..kernels._backend import device_reasons, resolve_backend
+from ..kernels import device_reasons, resolve_backend
 from ..kernels.attention import masked_self_attention, packed_self_attention
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,11 @@ def _residual(blk: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
+def _check_grid(grid: tuple[int, int], num_tokens: int) -> None:
+    if grid[0] * grid[1] != num_tokens:
+        raise ValueError(f"key_keep has {num_tokens} tokens per mask, the images give a {grid[0]}x{grid[1]} grid")
+
+
 def _kernel_backend(op: str, x: torch.Tensor, backend: str) -> str:
     return resolve_backend(backend, op, device_reasons(x))
 
@@ -197,8 +202,7 @@ def masked_class_tokens(vit: nn.Module, x: torch.Tensor, key_keep: torch.Tensor,
     B, M, N = key_keep.shape
     if _kernel_backend("masked_class_tokens", x, backend) == "triton":
         t, grid = embed_tokens(vit, x)  # [B, 1+N, D]
-        if grid[0] * grid[1] != N:
-            raise ValueError(f"key_keep has {N} tokens per mask, the images give a {grid[0]}x{grid[1]} grid")
+        _check_grid(grid, N)
         keep = torch.cat([key_keep.new_ones(B, M, 1), key_keep], dim=2)  # [B, M, 1+N]
         first, *rest = vit.blocks
         t = _residual(first, t[:, None], masked_self_attention(first.attn, first.norm1(t), keep, "triton"))
@@ -207,8 +211,7 @@ def masked_class_tokens(vit: nn.Module, x: torch.Tensor, key_keep: torch.Tensor,
             t = _residual(blk, t, masked_self_attention(blk.attn, blk.norm1(t), keep, "triton")[:, 0])
         return vit.norm(t[:, 0]).reshape(B, M, -1)
     t, grid = embed_tokens(vit, x.repeat_interleave(M, dim=0))  # [B*M, 1+N, D]
-    if grid[0] * grid[1] != N:
-        raise ValueError(f"key_keep has {N} tokens per mask, the images give a {grid[0]}x{grid[1]} grid")
+    _check_grid(grid, N)
     keep = torch.cat([key_keep.new_ones(B * M, 1), key_keep.reshape(B * M, N)], dim=1)
     return _run_blocks(vit, t, keep).reshape(B, M, -1)
 
@@ -223,8 +226,7 @@ def dropped_class_tokens(vit: nn.Module, x: torch.Tensor, key_keep: torch.Tensor
         return packed_class_tokens(vit, x, key_keep, "triton")
     B, M, N = key_keep.shape
     t, grid = embed_tokens(vit, x)  # [B, 1+N, D]
-    if grid[0] * grid[1] != N:
-        raise ValueError(f"key_keep has {N} tokens per mask, the images give a {grid[0]}x{grid[1]} grid")
+    _check_grid(grid, N)
     counts = key_keep.sum(-1)  # [B, M]
     L = int(counts.max())  # one host sync per step
     order = torch.argsort((~key_keep).to(torch.int8), dim=-1, stable=True)[..., :L]  # visible indices first
@@ -245,8 +247,7 @@ def packed_class_tokens(vit: nn.Module, x: torch.Tensor, key_keep: torch.Tensor,
     here (the project's ViT has none)."""
     B, M, N = key_keep.shape
     t, grid = embed_tokens(vit, x)  # [B, 1+N, D]
-    if grid[0] * grid[1] != N:
-        raise ValueError(f"key_keep has {N} tokens per mask, the images give a {grid[0]}x{grid[1]} grid")
+    _check_grid(grid, N)
     keep = torch.cat([key_keep.new_ones(B, M, 1), key_keep], dim=2)  # [B, M, 1+N]: class token first
     rows = torch.arange(B * (1 + N), device=x.device).reshape(B, 1, 1 + N).expand(B, M, 1 + N)[keep]  # one sync
     cu_seqlens = F.pad(keep.sum(-1).flatten().cumsum(0), (1, 0)).to(torch.int32)  # [B*M + 1]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import fp32_arithmetic
 from .backbone import forward_features
 from .projector import ProjectionHead, make_teacher
 
@@ -81,8 +82,6 @@ class WSSSNet(nn.Module):
     def cams_from(self, out: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(cam, cam_aux) [B, C-1, h, w] float32, detached: conv2d(F, classifier.weight), computed in fp32 from the
         (possibly bf16) features even under autocast: the CAM thresholds and PAR need the authors' fp32 CAMs."""
-        from ..cams import fp32_arithmetic
-
         with fp32_arithmetic():
             cam = F.conv2d(out.feat.detach().float(), self.classifier.weight.detach().float())
             cam_aux = F.conv2d(out.aux_feat.detach().float(), self.aux_classifier.weight.detach().float())

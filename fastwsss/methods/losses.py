@@ -7,8 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cams import box_mask
-from .data import IGNORE_INDEX
+from ..data import IGNORE_INDEX
+from ..kernels import PermutohedralLattice
+from ..pseudo import box_mask
 
 
 def contrast_loss(teacher: torch.Tensor, student: torch.Tensor, flags: torch.Tensor, temperature: float = 0.5,
@@ -62,8 +63,6 @@ class _GatedCRFLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, probs, features, roi, gate, exact_grad, backend="auto"):
-        from fastwsss.kernels import PermutohedralLattice
-
         lattice = PermutohedralLattice(features, backend=backend)
         seg = probs * roi
         AS = gate * lattice.filter(seg)

@@ -1,4 +1,5 @@
-"""Pseudo labels from CAMs (SPEC §4): the PAR-refined segmentation label and the token affinity label."""
+"""Pseudo labels from CAMs (SPEC §4): the PAR-refined segmentation label, the token affinity label, and the
+roi map that the local views' flags are cut from (SPEC §5, §6)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cams import cam_to_label, fp32_arithmetic, ignore_outside_box
-from .data import IGNORE_INDEX
-from .data.transforms import denormalize_uint8
-from .kernels.par import DEFAULT_DILATIONS
+from ..data import IGNORE_INDEX
+from ..data.transforms import denormalize_uint8
+from ..kernels import par
+from ..kernels.par import DEFAULT_DILATIONS
+from ..runtime import fp32_arithmetic
+from .cams import cam_to_label, ignore_outside_box
 
 
 @fp32_arithmetic()
@@ -41,8 +44,6 @@ def refine_seg_label(
 
     PAR sees the reference's uint8 image (``denormalize_uint8``: truncated levels; ``round_denorm`` rounds them).
     """
-    from fastwsss.kernels import par
-
     B, _, H, W = cams.shape
     cams = cams.float()
     size = (H // down_scale, W // down_scale)
@@ -102,3 +103,13 @@ def affinity_label(
     label = cam_to_label(cam, cls_label, img_box, ignore_mid=True, high_thresh=high_thresh, low_thresh=low_thresh,
                          ignore_index=ignore_index)
     return label.flatten(1)
+
+
+@fp32_arithmetic()
+def roi_map(cams: torch.Tensor, cls_label: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """[B, C-1, h, w] -> [B, h, w]: 0 where the best present-class CAM <= low, 2 where >= high, else 1."""
+    score = (cls_label[:, :, None, None].float() * cams.float()).amax(1)
+    roi = torch.ones_like(score)
+    roi[score <= low] = 0
+    roi[score >= high] = 2
+    return roi

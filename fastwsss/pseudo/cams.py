@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
-
-
-@contextmanager
-def fp32_arithmetic() -> Iterator[None]:
-    """Autocast off (CPU and CUDA), as a context or a decorator: inside, fp32 inputs are computed in fp32 even when
-    the caller runs under autocast. Everything cut by a CAM threshold or fed to PAR runs in it, as the authors' fp32
-    runs did: a bf16 CAM moves pixels across the 0.25 / 0.5 / 0.7 cuts (README, "Precision")."""
-    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-        yield
+from ..data import IGNORE_INDEX
+from ..runtime import fp32_arithmetic
 
 
 @torch.no_grad()

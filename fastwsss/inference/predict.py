@@ -1,23 +1,23 @@
-"""From a checkpoint to predictions: the model with its own config, multi-scale + flip segmentation logits with the
-VOC and COCO fusion rules (SPEC §10), and the dense-CRF runner configured by ``infer.*``. Shared by
-``fastwsss.infer`` (folders of images) and ``fastwsss.evaluate`` (whole splits)."""
+"""From a config or a checkpoint to predictions: the model a config describes, the model of a checkpoint with its own
+config, multi-scale + flip segmentation logits with the VOC and COCO fusion rules (SPEC §10), and the dense-CRF
+runner configured by ``infer.*``. Used by training (the model), ``fastwsss.infer`` and ``fastwsss.evaluate``."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import check_model_layout, load_checkpoint
-from .config import Config, ConfigError, InferConfig, load_config
+from ..checkpoint import check_model_layout, load_checkpoint
+from ..config import Config, ConfigError, InferConfig, ModelConfig, load_config
+from ..models import WSSSNet, build_model
 from .crf import CRFParams, CRFRunner
-from .models import WSSSNet, build_model
 
 log = logging.getLogger("fastwsss")
 
@@ -67,6 +67,12 @@ def multiscale_seg_logits(model: torch.nn.Module, x: torch.Tensor, *, scales: Se
     return fused
 
 
+def model_from_config(model: ModelConfig, num_classes: int, projector: dict | None = None) -> WSSSNet:
+    """The network ``model.*`` describes (pretrained weights loaded when asked), with ``num_classes`` classes;
+    ``projector`` (ProjectionHead kwargs) adds the contrast projector and its EMA teacher."""
+    return build_model(num_classes, projector=projector, **dataclasses.asdict(model))
+
+
 def config_from_checkpoint(state: dict, overrides: Sequence[str] = ()) -> Config:
     """The checkpoint's own config (its YAML text), then ``key=value`` overrides."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
@@ -87,7 +93,7 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device: to
     state = load_checkpoint(checkpoint)
     cfg = config_from_checkpoint(state, overrides)
     cfg.model.pretrained = ""
-    model = build_model(cfg.model, cfg.data.num_classes)
+    model = model_from_config(cfg.model, cfg.data.num_classes)
     weights = {k: v for k, v in state["model"].items() if not k.startswith(("proj_head.", "proj_head_t."))}
     check_model_layout(weights, state["path"])
     try:
@@ -98,13 +104,6 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device: to
         log.warning("%s was trained with train.method=cam: its segmentation head was never trained, so 'seg' "
                     "predictions are meaningless (CAM modes and --pseudo are fine)", state["path"])
     return model.to(device).eval(), cfg, int(state["iteration"])
-
-
-def make_autocast(precision: str, device: torch.device) -> Callable[[], object]:
-    from .train import autocast_dtype
-
-    amp = autocast_dtype(precision, device)
-    return (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
 
 
 def crf_params(cfg: InferConfig) -> CRFParams:

@@ -20,7 +20,6 @@ with Potts compatibility (``PottsCompatibility::apply`` is ``-w Q``, subtracted)
 
 from __future__ import annotations
 
-import inspect
 import multiprocessing
 import os
 import sys
@@ -31,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from ..kernels import PermutohedralLattice
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -52,8 +53,9 @@ class CRFParams:
     clip: float = 1e-5  # pydensecrf.utils.unary_from_softmax clips probabilities before the log
 
 
-def _check_inputs(image: np.ndarray, probs: np.ndarray) -> None:
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+def _check_inputs(image: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor) -> None:
+    """One image uint8 [H, W, 3] and its probabilities [C, H, W] (numpy arrays or tensors)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype not in (np.uint8, torch.uint8):
         raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {tuple(image.shape)}")
     if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
         raise ValueError(f"probs must be [C, H, W] with (H, W) = {image.shape[:2]}, got {tuple(probs.shape)}")
@@ -75,14 +77,6 @@ def dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams
     crf.addPairwiseBilateral(sxy=params.bi_sxy, srgb=params.bi_srgb, rgbim=rgb,
                              compat=params.bi_compat)
     return np.array(crf.inference(params.iterations), dtype=np.float32).reshape(C, H, W)
-
-
-def _lattice(features: torch.Tensor, backend: str):
-    from fastwsss.kernels import PermutohedralLattice
-
-    if "backend" in inspect.signature(PermutohedralLattice).parameters:
-        return PermutohedralLattice(features, backend=backend)
-    return PermutohedralLattice(features)
 
 
 def crf_features(images: torch.Tensor, params: CRFParams = CRFParams()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +112,7 @@ def dense_crf_torch(images: torch.Tensor, probs: torch.Tensor, params: CRFParams
     gauss, bilateral = crf_features(images, params)
     kernels = []
     for feats, compat in ((gauss, params.gauss_compat), (bilateral, params.bi_compat)):
-        lat = _lattice(feats, backend)
+        lat = PermutohedralLattice(feats, backend=backend)
         ones = probs.new_ones(B, 1, H, W, dtype=torch.float32)
         norm = (lat.filter(ones) + 1e-20).rsqrt()  # NORMALIZE_SYMMETRIC
         kernels.append((lat, norm, compat))
@@ -145,7 +139,7 @@ def dense_crf(image: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor
     p = probs if torch.is_tensor(probs) else torch.from_numpy(np.asarray(probs, dtype=np.float32))
     device = torch.device(device) if device is not None else p.device
     im = image if torch.is_tensor(image) else torch.from_numpy(np.ascontiguousarray(image))
-    _check_inputs(np.empty(tuple(im.shape), np.uint8), np.empty(tuple(p.shape), np.float32))
+    _check_inputs(im, p)
     q = dense_crf_torch(im.to(device).permute(2, 0, 1)[None], p.to(device)[None], params, backend)
     return q[0].cpu().numpy()
 
@@ -199,7 +193,7 @@ class CRFRunner:
             return self._collect(block=len(self._pending) >= 2 * self.workers)
         im = image if torch.is_tensor(image) else torch.from_numpy(np.ascontiguousarray(image))
         p = probs if torch.is_tensor(probs) else torch.from_numpy(np.asarray(probs, dtype=np.float32))
-        _check_inputs(np.empty(tuple(im.shape), np.uint8), np.empty(tuple(p.shape), np.float32))
+        _check_inputs(im, p)
         done = []
         if self._buffer and self._buffer[0][1].shape != im.shape:
             done = self._flush()
