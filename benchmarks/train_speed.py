@@ -36,7 +36,8 @@ PATHS = {
 SIZES = {"voc": (375, 500), "coco": (427, 640)}
 EVERY_TERM = ["loss.aff_start=0", "loss.con_start=0", "loss.seg_start=0", "loss.reg_start=0"]
 TINY = ["data.crop_size=64", "data.rescale_range=[0.75,1.25]", "model.backbone=deit_tiny_patch16_224",
-        "model.img_size=64", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+        "model.img_size=64", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.aux_layer=-2",
+        "model.num_heads=2",
         "model.decoder_channels=16", "train.batch_size=2", "contrast.num_local=2", "contrast.toco_crop_size=32",
         "cam.scales=[1.0]"]
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
+from .files import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -17,6 +18,10 @@ FORMAT_VERSION = 1
 REMOVED_PARAMETERS = {
     "decoder.2.bias": "its LargeFOV decoder's middle 3x3 conv has a bias; the authors' decoder has none (SPEC §2)",
 }
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, not fastwsss's, of an older layout, or for another model."""
 
 
 def rng_state() -> dict:
@@ -38,19 +43,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp), fsync=True)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -59,14 +52,15 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path}" + ("" if path.parent.parent.exists() else
+                                                                    f" ({path.parent.parent} does not exist)"))
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     missing = [k for k in ("format_version", "iteration", "model", "config") if k not in state]
     if missing:
-        raise ValueError(f"{path} is not a fastwsss checkpoint (missing {', '.join(missing)})")
+        raise CheckpointError(f"{path} is not a fastwsss checkpoint (missing {', '.join(missing)})")
     state["path"] = str(path)
     return state
 
@@ -75,6 +69,28 @@ def check_model_layout(weights: dict, source: str | Path) -> None:
     """Raise a clear error if the model weights ``weights`` are of an earlier fastwsss layout (REMOVED_PARAMETERS)."""
     stale = [f"{key}: {why}" for key, why in REMOVED_PARAMETERS.items() if key in weights]
     if stale:
-        raise ValueError(f"checkpoint {source} was written by an earlier fastwsss whose model differs from this one "
+        raise CheckpointError(f"checkpoint {source} was written by an earlier fastwsss whose model differs from this one "
                          f"({'; '.join(stale)}). Its weights cannot be loaded without changing its predictions: "
                          "retrain, or use the fastwsss version that wrote it.")
+
+
+def load_weights(model: nn.Module, weights: dict, source: str | Path) -> None:
+    """``model.load_state_dict(weights)`` with a clear error when they do not fit: every missing, unexpected and
+    differently shaped tensor named (a checkpoint of another method, class count or backbone)."""
+    check_model_layout(weights, source)
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in weights)
+    unexpected = sorted(k for k in weights if k not in own)
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+        parts = [f"{len(missing)} missing ({few(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
+                 f"{len(shapes)} of another shape, checkpoint vs model ({few(shapes)})" if shapes else ""]
+        raise CheckpointError(f"checkpoint {source} does not fit the model its config builds: "
+                         + "; ".join(p for p in parts if p)
+                         + ". Is it from another train.method, data.num_classes or model.backbone?")
+    model.load_state_dict(weights)

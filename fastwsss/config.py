@@ -212,8 +212,17 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> list[str]:
     return [] if value in choices else [f"{key}={value!r} is not one of {', '.join(choices)}"]
 
 
+def _range(errors: list[str], key: str, value: float, lo: float | None = None, hi: float | None = None, *,
+           lo_open: bool = False, what: str = "") -> None:
+    """Append an error unless lo <= value <= hi (lo < value with ``lo_open``)."""
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        bounds = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in {'(' if lo_open else '['}{lo}, {hi}]"
+        errors.append(f"{key}={value!r} must be {what or bounds}")
+
+
 def validate(cfg: Config) -> Config:
-    """Check what types alone cannot; every problem is reported at once."""
+    """Check what types alone cannot, before anything runs; every problem is reported at once."""
     errors = _choice("data.dataset", cfg.data.dataset, DATASETS)
     errors += _choice("train.method", cfg.train.method, METHODS)
     errors += _choice("train.precision", cfg.train.precision, PRECISIONS)
@@ -221,20 +230,64 @@ def validate(cfg: Config) -> Config:
     errors += _choice("kernels.backend", cfg.kernels.backend, ("auto", "torch", "triton"))
     errors += _choice("infer.fusion", cfg.infer.fusion, ("voc", "coco"))
     errors += _choice("infer.crf_impl", cfg.infer.crf_impl, ("pydensecrf", "lattice"))
-    if not cfg.infer.scales or min(cfg.infer.scales) <= 0:
-        errors.append(f"infer.scales={list(cfg.infer.scales)} must be one or more positive scales")
+    for key in ("infer.scales", "cam.scales"):
+        section, name = key.split(".")
+        scales = list(getattr(getattr(cfg, section), name))
+        if not scales or min(scales) <= 0:
+            errors.append(f"{key}={scales} must be one or more positive scales")
     if cfg.data.num_classes < 2:
         errors.append(f"data.num_classes={cfg.data.num_classes} must count background plus at least one class")
     lo, hi = cfg.data.rescale_range
     if not 0 < lo <= hi:
         errors.append(f"data.rescale_range={[lo, hi]} must satisfy 0 < low <= high")
     for key in ("train.max_iters", "train.batch_size", "train.log_interval", "train.eval_interval",
-                "train.ckpt_interval", "data.crop_size"):
+                "train.ckpt_interval", "data.crop_size", "eval.batch_size", "cam.par_num_iter",
+                "contrast.proj_dim", "contrast.proj_hidden", "contrast.proj_bottleneck", "contrast.mcc_mask_cell",
+                "contrast.toco_crop_size", "infer.coco_size", "infer.crf_batch_size", "infer.crf_iterations",
+                "model.img_size", "model.decoder_channels", "model.decoder_dilation"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
-            errors.append(f"{key} must be positive")
-    if not cfg.cam.scales:
-        errors.append("cam.scales must name at least one scale")
+            errors.append(f"{key}={getattr(getattr(cfg, section), name)!r} must be positive")
+    for key in ("data.num_workers", "eval.max_images", "eval.num_vis", "infer.crf_workers", "infer.num_workers",
+                "optim.warmup_iters", "data.synthetic.num_train", "data.synthetic.num_val"):
+        *path, name = key.split(".")
+        node = cfg
+        for part in path:
+            node = getattr(node, part)
+        if getattr(node, name) < 0:
+            errors.append(f"{key}={getattr(node, name)!r} must be >= 0")
+    if cfg.train.stop_at is not None and cfg.train.stop_at < 1:
+        errors.append(f"train.stop_at={cfg.train.stop_at} must be >= 1 (or null: run to train.max_iters)")
+    if not cfg.cam.par_dilations or min(cfg.cam.par_dilations) < 1:
+        errors.append(f"cam.par_dilations={list(cfg.cam.par_dilations)} must be one or more positive ints")
+    c, o = cfg.cam, cfg.optim
+    for key, value in (("cam.high_thresh", c.high_thresh), ("cam.low_thresh", c.low_thresh),
+                       ("cam.bkg_thresh", c.bkg_thresh), ("contrast.neg_thresh", cfg.contrast.neg_thresh),
+                       ("contrast.mcc_mask_prob", cfg.contrast.mcc_mask_prob),
+                       ("contrast.ema_momentum", cfg.contrast.ema_momentum), ("optim.warmup_ratio", o.warmup_ratio)):
+        _range(errors, key, value, 0.0, 1.0)
+    if c.low_thresh > c.high_thresh:
+        errors.append(f"cam.low_thresh={c.low_thresh} must be <= cam.high_thresh={c.high_thresh}")
+    for key, value in (("optim.lr", o.lr), ("optim.head_lr_mult", o.head_lr_mult), ("optim.eps", o.eps),
+                       ("loss.temperature", cfg.loss.temperature), ("loss.reg_sigma_rgb", cfg.loss.reg_sigma_rgb),
+                       ("loss.reg_sigma_xy", cfg.loss.reg_sigma_xy), ("loss.reg_scale", cfg.loss.reg_scale)):
+        _range(errors, key, value, 0.0, lo_open=True)
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.power", o.power)):
+        _range(errors, key, value, 0.0)
+    for i, beta in enumerate(o.betas):
+        if not 0 <= beta < 1:
+            errors.append(f"optim.betas[{i}]={beta!r} must be in [0, 1)")
+    for name in ("w_cls_aux", "w_aff", "w_con", "w_seg", "w_reg"):
+        _range(errors, f"loss.{name}", getattr(cfg.loss, name), 0.0)
+    if cfg.train.method != "cam" and cfg.contrast.num_local < 1:
+        errors.append(f"contrast.num_local={cfg.contrast.num_local} must be >= 1 with train.method="
+                      f"{cfg.train.method} (its contrast term needs local views)")
+    depth = cfg.model.depth
+    if depth is not None and depth < 1:
+        errors.append(f"model.depth={depth} must be positive")
+    elif depth is not None and not -depth <= cfg.model.aux_layer < depth:
+        errors.append(f"model.aux_layer={cfg.model.aux_layer} must name one of the {depth} blocks "
+                      f"({-depth}..{depth - 1})")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg
@@ -278,34 +331,66 @@ def resolve_config(config: str | Path, relative_to: Path | None = None) -> Path:
 
 
 def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
-    """A YAML file and, first, the chain of files it names as ``base:`` (relative to itself, else packaged)."""
+    """(layer, its file) of a YAML file and, first, of the chain of files it names as ``base:`` (relative to itself,
+    else packaged)."""
     if path.resolve() in seen:
         raise ConfigError(f"config files include each other: {' -> '.join(map(str, (*seen, path)))}")
-    layer = OmegaConf.load(path)
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - YAML syntax errors come in several types
+        raise ConfigError(f"{path}: not a readable YAML config: {err}") from None
+    if not OmegaConf.is_dict(layer):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(layer).__name__}")
     base = layer.pop("base", None)
     if base is None:
-        return [layer]
-    return [*_yaml_layers(resolve_config(str(base), path.parent), (*seen, path.resolve())), layer]
+        return [(layer, str(path))]
+    return [*_yaml_layers(resolve_config(str(base), path.parent), (*seen, path.resolve())), (layer, str(path))]
+
+
+def _leaves(node, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a YAML / dotlist layer (lists are leaves)."""
+    if OmegaConf.is_dict(node):
+        out = []
+        for k in node:
+            out += _leaves(node._get_node(k), f"{prefix}{k}.")  # keeps interpolations unresolved
+        return out
+    return [(prefix[:-1], node)]
+
+
+def _layer_errors(schema, layer, source: str) -> list[str]:
+    """Every unknown key and every value of the wrong type in one layer, each with the layer's source."""
+    errors = []
+    for key, node in _leaves(layer):
+        single = OmegaConf.create()
+        OmegaConf.update(single, key, node, force_add=True)
+        try:
+            OmegaConf.merge(schema, single)
+        except OmegaConfBaseException as err:
+            msg = str(err).split("\n")[0]
+            errors.append(f"{key}: {msg} ({source})")
+    return errors
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults <- YAML file or packaged config name (differences only; ``base: other.yaml`` layers it on
-    another) <- overrides."""
+    another) <- overrides. Every unknown key, wrong type and invalid value is reported at once, each with the file
+    (or the command line) it came from."""
     schema = OmegaConf.structured(Config)
-    layers = [schema]
+    layers = []
     if path is not None:
         path = resolve_config(path)
         layers.extend(_yaml_layers(path))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must be key=value, got: {' '.join(bad)}")
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    layers.append((OmegaConf.from_dotlist(list(overrides)), "command line"))
+    errors = [e for layer, source in layers for e in _layer_errors(schema, layer, source)]
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     try:
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"bad config{where}: {err}") from None
+        cfg = OmegaConf.to_object(OmegaConf.merge(schema, *(layer for layer, _ in layers)))
+    except OmegaConfBaseException as err:  # what the per-key checks cannot see (e.g. an interpolation)
+        raise ConfigError(f"bad config: {err}") from None
     return validate(cfg)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import version_string
+from .cli import user_errors
 from .config import load_config
 from .data import EvalDataset, class_names, open_split
 from .inference.evaluation import CRF_MODE, EVAL_MODES, evaluate_model, evaluate_predictions
@@ -27,6 +28,7 @@ from .inference.predict import load_model, make_crf_runner, multiscale_seg_logit
 from .runtime import make_autocast, resolve_device
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> dict:
     """``python -m fastwsss.evaluate --checkpoint CKPT [--split val] [--modes seg,cam,pseudo] [--crf]``."""
     parser = argparse.ArgumentParser(

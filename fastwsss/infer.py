@@ -29,11 +29,13 @@ import logging
 import sys
 
 from . import version_string
+from .cli import user_errors
 from .inference.export import list_images, print_summary, run, split_items
 from .inference.predict import load_model
 from .runtime import resolve_device
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m fastwsss.infer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .cli import user_errors
 from .methods import LOG_NAMES
 
 Series = dict[str, tuple[list[float], list[float]]]  # name -> (iterations, values)
@@ -121,6 +122,7 @@ def plot_curves(run: str | Path, out: str | Path, official: str | Path | None = 
     return out
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastwsss.plot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

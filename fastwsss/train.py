@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from . import version_string
+from .cli import user_errors
 from .config import load_config, packaged_configs_help, to_yaml
-from .training import train
+from .training import TrainingInterrupted, train
 
 DEFAULT_CONFIG = "demo"  # a packaged config (fastwsss.configs)
 SUMMARY = {"seg_miou": "segmentation", "cam_miou": "CAM", "pseudo_miou": "pseudo labels",  # the last line printed
            "all-bg_miou": "all-background", "likely-cls_miou": "most-likely-present-class"}
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastwsss.train", description=__doc__,
                                      epilog=packaged_configs_help(),
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     if path is None:
         resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("run.resume=")), None)
         if resume:  # the run's own config; its early stop was for the interrupted invocation only
+            if not Path(resume).exists():
+                raise FileNotFoundError(f"run.resume={resume}: no such run directory or checkpoint")
             run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent.parent
             path, overrides = run_dir / "config.yaml", ["train.stop_at=null", *overrides]
         else:
@@ -45,7 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(128 + stopped.signum)
     summary = [f"{title} {100 * result[key]:.1f}" for key, title in SUMMARY.items()
                if not math.isnan(result.get(key, math.nan))]
     if summary:

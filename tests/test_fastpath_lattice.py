@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-import fastwsss.kernels as fk
+import fastwsss.methods.losses as fk  # the reg loss looks PermutohedralLattice up here
 from fastwsss.training import train
 
 _LATTICE = fk.PermutohedralLattice

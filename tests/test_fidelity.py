@@ -68,7 +68,7 @@ def test_no_conv_of_the_decoder_has_a_bias():
     """SPEC §2: the LargeFOV decoder's three convs (3x3 dil, 3x3 dil, 1x1) have no bias; its parameters are
     exactly the three conv weights."""
     torch.manual_seed(0)
-    vit = create_vit("deit_tiny_patch16_224", img_size=32, patch_size=16, embed_dim=24, depth=2, num_heads=2)
+    vit = create_vit("deit_tiny_patch16_224", img_size=32, patch_size=16, embed_dim=24, depth=3, num_heads=2)
     net = WSSSNet(vit, num_classes=5, decoder_channels=8, decoder_dilation=5)
     convs = [m for m in net.decoder.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 3
@@ -99,11 +99,12 @@ def test_a_checkpoint_of_the_biased_decoder_is_refused_clearly(tiny_config, tmp_
 def test_par_sees_the_quantised_image(monkeypatch, round_denorm):
     """The image refine_seg_label hands PAR is the reference's uint8 image / 255 (downsampled x2), truncated by
     default, rounded with quirks.round_denorm."""
-    import fastwsss.kernels
+    import fastwsss.pseudo.labels  # refine_seg_label looks par up here
 
     seen = []
-    real_par = fastwsss.kernels.par
-    monkeypatch.setattr(fastwsss.kernels, "par", lambda img, masks, **kw: seen.append(img) or real_par(img, masks, **kw))
+    real_par = fastwsss.pseudo.labels.par
+    monkeypatch.setattr(fastwsss.pseudo.labels, "par",
+                        lambda img, masks, **kw: seen.append(img) or real_par(img, masks, **kw))
     from fastwsss.pseudo import refine_seg_label
 
     x = every_level_normalised().expand(2, 3, 2, 256).contiguous()  # every level, two rows, two images

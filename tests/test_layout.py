@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # the parts, bottom to top: a module may import its own part and the parts below it, never one above
 LAYERS = [
-    {"config", "_compat", "runtime", "visualize", "checkpoint", "configs"},
+    {"config", "_compat", "runtime", "visualize", "files", "checkpoint", "configs"},
     {"kernels"},
     {"data"},
     {"models"},
@@ -20,7 +20,7 @@ LAYERS = [
     {"methods"},
     {"inference"},
     {"training"},
-    {"train", "infer", "evaluate", "plot"},  # the commands
+    {"cli", "train", "infer", "evaluate", "plot"},  # the commands
 ]
 # imports inside functions that are not about the layout: the Triton modules are loaded on first launch (importing
 # triton is slow and optional), and a package's __main__ is the command itself

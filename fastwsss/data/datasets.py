@@ -33,10 +33,14 @@ class DataError(RuntimeError):
 
 
 def read_image(path: Path) -> Image.Image:
+    """An RGB image. 16-bit grey images (PIL modes I;16*, I) are scaled to 8 bits, not clipped to white."""
     if not path.is_file():
         raise DataError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I"):  # 16-bit grey PNG / TIFF: 0..65535
+                grey = np.asarray(im, dtype=np.float64) / 257.0
+                return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"corrupt or unreadable image {path}: {err}") from err
@@ -96,9 +100,34 @@ class SegmentationList:
             return self.root / "SegmentationClassAug" / f"{name}.png"
         return self.root / "SegmentationClass" / self._subset(name) / f"{name}.png"
 
+    def check_images(self, names: list[str] | None = None, min_side: int = 1) -> None:
+        """Decode every image of ``names`` (default: the split) and raise one DataError naming each one that is
+        unreadable or has a side shorter than ``min_side`` pixels; what would otherwise fail mid-run, found now."""
+        problems = []
+        for name in tqdm(names if names is not None else self.names, desc=f"checking {self.split} images",
+                         leave=False, disable=len(names or self.names) < 500):
+            path = self.image_path(name)
+            try:
+                w, h = read_image(path).size
+            except DataError as err:
+                problems.append(str(err))
+                continue
+            if min(w, h) < min_side:
+                problems.append(f"image {path} is {w}x{h}: a side under {min_side} px gives the model no token at "
+                                "its smallest scale")
+        if problems:
+            more = f"\n  (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+            raise DataError(f"{len(problems)} image(s) of {self.list_path} cannot be evaluated:\n  "
+                            + "\n  ".join(problems[:10]) + more)
+
     def _class_pixel_counts(self) -> np.ndarray:
-        digest = hashlib.sha1(f"{self.list_path.resolve()}|{self.num_classes}|v1|".encode())
+        # the key covers the list, the class count and every mask's size and modification time: regenerated or
+        # edited masks give new labels, never stale cached ones
+        digest = hashlib.sha1(f"{self.list_path.resolve()}|{self.num_classes}|v2|".encode())
         digest.update(self.list_path.read_bytes())
+        for name in self.names:
+            st = self.mask_path(name).stat()
+            digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
         key = digest.hexdigest()[:16]
         file_name = f"labels_{self.layout}_{self.split}_{key}.npy"
         candidates = [self.root / ".fastwsss_cache", Path.home() / ".cache" / "fastwsss"]

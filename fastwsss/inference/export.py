@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..config import Config
 from ..data import IGNORE_INDEX, DataError, class_names, open_split, read_image
 from ..data.transforms import normalize
+from ..files import DirLock, atomic_write, remove_stale_temps
 from ..pseudo import multiscale_cams, refine_seg_label
 from ..runtime import make_autocast
 from ..visualize import cam_tiles, colorize, heatmap, overlay, palette_image, save_grid
@@ -42,8 +43,13 @@ def list_images(source: str | Path) -> list[ImageItem]:
     the list file's folder unless absolute; ``#`` starts a comment) -> items named by relative path / stem."""
     source = Path(source)
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        items = [ImageItem(p.relative_to(source).with_suffix("").as_posix(), p) for p in paths]
+        unreadable: list[str] = []
+        paths = sorted(Path(d) / f for d, _, files in os.walk(source, onerror=lambda e: unreadable.append(
+            f"{e.filename} ({e.strerror})")) for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        if unreadable:
+            raise DataError(f"{len(unreadable)} folder(s) under {source} cannot be read, so their images would be "
+                            f"left out: {'; '.join(unreadable[:5])}")
+        items = [ImageItem(p.relative_to(source).with_suffix("").as_posix(), p) for p in paths if p.is_file()]
     elif source.is_file():
         lines = [ln.split("#", 1)[0].strip() for ln in source.read_text().splitlines()]
         paths = [Path(ln) if Path(ln).is_absolute() else source.parent / ln for ln in lines if ln]
@@ -87,17 +93,8 @@ class ImageFiles(Dataset):
         return {"index": index, "raw": torch.from_numpy(raw), "img": torch.from_numpy(normalize(raw))}
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: an interrupted run never leaves a
-    half-written file that a resumed run would take as done."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save_png(image: Image.Image, path: Path) -> None:
-    _atomic(path, lambda p: image.save(p, format="PNG"))
+    atomic_write(path, lambda p: image.save(p, format="PNG"))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -125,9 +122,9 @@ class _Writer:
             half = logits.half().cpu()
             path = self.out / "logits" / f"{name}.{self.logits}"
             if self.logits == "npy":
-                _atomic(path, lambda p: _save_npy(p, half.numpy()))
+                atomic_write(path, lambda p: _save_npy(p, half.numpy()))
             else:
-                _atomic(path, lambda p: torch.save(half, p))
+                atomic_write(path, lambda p: torch.save(half, p))
         if len(self.rows) < self.num_vis and cams is not None:
             self._add_row(raw, label, cams)
         _save_png(palette_image(label), self.mask_path(name))
@@ -158,13 +155,25 @@ def run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: str | 
         raise ValueError("--pseudo needs image-level labels: give --split (a split of the config's dataset)")
     if logits not in (None, "npy", "pt"):
         raise ValueError(f"logits={logits!r} is not one of npy, pt")
-    out = Path(out)
+    with DirLock(out, "output folder"):
+        remove_stale_temps(out, recursive=True)
+        return _run(cfg, model, items, Path(out), device=device, pseudo=pseudo, crf=crf, overlay=overlay,
+                    logits=logits, num_vis=num_vis, overwrite=overwrite, info=info)
+
+
+def _run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: Path, *, device: torch.device,
+         pseudo: bool, crf: bool, overlay: bool, logits: str | None, num_vis: int, overwrite: bool,
+         info: dict | None) -> dict:
     names = class_names(cfg.data)
     write = _Writer(out, overlay=overlay, logits=logits, num_vis=num_vis, names=names)
     todo = [it for it in items if overwrite or not write.mask_path(it.name).is_file()]
     skipped = len(items) - len(todo)
     autocast = make_autocast(cfg.train.precision, device)
     i, c = cfg.infer, cfg.cam
+    patch = model.backbone.patch_embed.patch_size[0]
+    used = list(c.scales) if pseudo or num_vis else []  # CAM scales, at the image size
+    used += [] if pseudo or i.fusion == "coco" else list(i.scales)  # coco: resized to coco_size first
+    min_side = math.ceil(patch / min(used)) if used else 1
     runner = make_crf_runner(cfg, device) if crf and todo else None
     waiting: dict[str, tuple[np.ndarray, torch.Tensor, np.ndarray | None]] = {}  # images the CRF still holds
     failures: list[dict] = []
@@ -193,21 +202,21 @@ def run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: str | 
                 fail(item, s["error"])
                 continue
             raw = s["raw"].numpy()
-            x = s["img"][None].to(device)
-            try:
-                with autocast():
-                    want_cams = pseudo or len(write.rows) < num_vis
-                    cams = multiscale_cams(model, x, tuple(c.scales))[0].float() if want_cams else None
-                    if pseudo:
-                        fused = None
-                        label = pseudo_label(cfg, cams, torch.from_numpy(item.cls_label)[None].to(device), x)
-                    else:
-                        fused = multiscale_seg_logits(model, x, scales=tuple(i.scales), fusion=i.fusion,
-                                                      coco_size=i.coco_size)[0]
-                        label = fused.argmax(0).to(torch.uint8).cpu().numpy()
-            except (RuntimeError, ValueError) as err:  # e.g. an image smaller than one patch
-                fail(item, f"model failed on {item.path} ({raw.shape[1]}x{raw.shape[0]}): {err}")
+            if min(raw.shape[:2]) < min_side:  # the one input the model cannot take; its own errors are not caught
+                fail(item, f"{item.path} is {raw.shape[1]}x{raw.shape[0]}: a side under {min_side} px gives the "
+                           "model no token at its smallest scale")
                 continue
+            x = s["img"][None].to(device)
+            with autocast():
+                want_cams = pseudo or len(write.rows) < num_vis
+                cams = multiscale_cams(model, x, tuple(c.scales))[0].float() if want_cams else None
+                if pseudo:
+                    fused = None
+                    label = pseudo_label(cfg, cams, torch.from_numpy(item.cls_label)[None].to(device), x)
+                else:
+                    fused = multiscale_seg_logits(model, x, scales=tuple(i.scales), fusion=i.fusion,
+                                                  coco_size=i.coco_size)[0]
+                    label = fused.argmax(0).to(torch.uint8).cpu().numpy()
             waiting[item.name] = (raw, fused, cams[0].cpu().numpy() if cams is not None else None)
             if runner is None:
                 finish(item.name, label)
@@ -231,7 +240,7 @@ def run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: str | 
         "images_per_s": round(done / seconds, 3) if done and seconds > 0 else None,
         "grid": str(grid) if grid else None, "failures": failures,
     }
-    _atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     return summary
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import check_model_layout, load_checkpoint
+from ..checkpoint import load_checkpoint, load_weights
 from ..config import Config, ConfigError, InferConfig, ModelConfig, load_config
 from ..models import WSSSNet, build_model
 from .crf import CRFParams, CRFRunner
@@ -95,11 +95,7 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device: to
     cfg.model.pretrained = ""
     model = model_from_config(cfg.model, cfg.data.num_classes)
     weights = {k: v for k, v in state["model"].items() if not k.startswith(("proj_head.", "proj_head_t."))}
-    check_model_layout(weights, state["path"])
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {state['path']} does not fit the model its config builds: {err}") from None
+    load_weights(model, weights, state["path"])
     if cfg.train.method == "cam":
         log.warning("%s was trained with train.method=cam: its segmentation head was never trained, so 'seg' "
                     "predictions are meaningless (CAM modes and --pseudo are fine)", state["path"])

@@ -54,6 +54,10 @@ class WSSSNet(nn.Module):
         adds ``proj_head`` and its EMA teacher ``proj_head_t`` (no grad)."""
         super().__init__()
         self.backbone = backbone
+        depth = len(backbone.blocks)
+        if not -depth <= aux_layer < depth:
+            raise ValueError(f"aux_layer={aux_layer} (model.aux_layer) must name one of the backbone's {depth} blocks "
+                             f"({-depth}..{depth - 1})")
         self.aux_layer = aux_layer
         dim = backbone.embed_dim
         self.classifier = nn.Conv2d(dim, num_classes - 1, 1, bias=False)

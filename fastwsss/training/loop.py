@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checkpoint import check_model_layout, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from ..config import Config, to_yaml
 from ..data import EvalDataset, ResumableSampler, TrainDataset, class_names, open_splits
+from ..files import DirLock, atomic_write, remove_stale_temps
 from ..inference import (
     EVAL_MODES,
     class_pixel_prior,
@@ -37,9 +40,12 @@ log = logging.getLogger("fastwsss")
 class Evaluator:
     """Periodic evaluation on the val split, printed beside the trivial baselines; saves a PNG grid."""
 
-    def __init__(self, cfg: Config, val_items, prior: np.ndarray, run_dir: Path, device, autocast):
+    def __init__(self, cfg: Config, val_items, prior: np.ndarray, run_dir: Path, device, autocast, min_side: int = 1):
+        """``min_side``: the smallest image side the model can evaluate (its patch at the smallest CAM scale); every
+        val image is checked now, not at the first evaluation."""
         self.cfg, self.run_dir, self.device, self.autocast = cfg, run_dir, device, autocast
         self.dataset = EvalDataset(val_items, cfg.eval.max_images)
+        val_items.check_images(val_items.names[:len(self.dataset)], min_side)
         self.names = class_names(cfg.data)
         self.baselines = trivial_baselines(self.dataset, prior)
 
@@ -64,22 +70,78 @@ class Evaluator:
                               for k, cm in columns.items()}}
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM: the run saved a checkpoint at ``step`` and stopped (the command exits 128 + signal)."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        super().__init__(f"stopped by signal {signal.Signals(signum).name} at iteration {step}; checkpoint saved, "
+                         f"resume with run.resume={run_dir}")
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+
+
+class StepGuard:
+    """A copy of every parameter (the EMA teacher's too: it moves inside the step) and every optimizer state tensor
+    taken before a step, put back when the step's gradients or updated weights turn out non-finite: such a step is
+    skipped as a non-finite loss is, and nothing non-finite reaches the weights, the teacher or a checkpoint."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.params = list(model.parameters())
+        self._saved: tuple | None = None
+
+    def save(self) -> None:
+        state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                 for p, st in self.optimizer.state.items()}
+        self._saved = ([p.detach().clone() for p in self.params], state)
+
+    def restore(self) -> None:
+        params, state = self._saved
+        with torch.no_grad():
+            for p, saved in zip(self.params, params):
+                p.copy_(saved)
+        self.optimizer.state.clear()
+        self.optimizer.state.update(state)
+
+    def finite(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """A 0-d bool tensor: every element of ``tensors`` is finite (no host sync)."""
+        if not tensors:
+            return torch.ones((), dtype=torch.bool)
+        return torch.stack(torch._foreach_norm([t.detach().float() for t in tensors])).isfinite().all()
+
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def first_bad(self) -> str:
+        """The name of the first parameter (or gradient) that is not finite, for the log."""
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                return f"parameter {name}"
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return f"gradient of {name}"
+        return "none"
+
+
 def train(cfg: Config) -> dict:
-    """Run (or resume) one training job; returns the last evaluation."""
-    resume = load_checkpoint(cfg.run.resume) if cfg.run.resume else None
-    if resume is not None:
+    """Run (or resume) one training job; returns the last evaluation. The run directory is locked for as long as
+    this runs; SIGINT / SIGTERM save a checkpoint and raise :class:`TrainingInterrupted`."""
+    if cfg.run.resume:
+        resume = load_checkpoint(cfg.run.resume)
         run_dir = Path(resume["path"]).parent.parent
     else:
+        resume = None
         run_dir = Path(cfg.run.dir or Path("runs") / cfg.name / time.strftime("%Y%m%d-%H%M%S"))
-        if (run_dir / "checkpoints" / "last.pt").exists():
+    with DirLock(run_dir, "run directory"):
+        if resume is None and (run_dir / "checkpoints" / "last.pt").exists():
             raise FileExistsError(f"{run_dir} already holds a run; resume it with run.resume={run_dir} "
                                   "or choose another run.dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(run_dir)
+        remove_stale_temps(run_dir / "checkpoints")
+        return _train(cfg, run_dir, resume)
+
+
+def _train(cfg: Config, run_dir: Path, resume: dict | None) -> dict:
     cfg.run.dir = str(run_dir)
     setup_logging(run_dir)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    log.info("resolved config (saved to %s):\n%s", run_dir / "config.yaml", to_yaml(cfg))
-
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
@@ -96,8 +158,7 @@ def train(cfg: Config) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step = 0
     if resume is not None:
-        check_model_layout(resume["model"], resume["path"])
-        model.load_state_dict(resume["model"])
+        load_weights(model, resume["model"], resume["path"])
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"])
@@ -116,9 +177,13 @@ def train(cfg: Config) -> dict:
     loader = DataLoader(train_set, batch_size=bs, sampler=ResumableSampler(len(train_set), cfg.train.seed, step * bs),
                         num_workers=cfg.data.num_workers, drop_last=True, pin_memory=device.type == "cuda",
                         persistent_workers=cfg.data.num_workers > 0)
-    evaluator = Evaluator(cfg, val_items, class_pixel_prior(train_items.pixel_counts), run_dir, device, autocast)
+    evaluator = Evaluator(cfg, val_items, class_pixel_prior(train_items.pixel_counts), run_dir, device, autocast,
+                          min_side=math.ceil(patch / min(cfg.cam.scales)))
     tensorboard = open_tensorboard(run_dir / "tensorboard") if cfg.run.tensorboard else None
     log_names = LOG_NAMES[cfg.train.method]
+    # everything is built and the resume has succeeded: only now does the run's config change
+    atomic_write(run_dir / "config.yaml", lambda p: p.write_text(to_yaml(cfg)))
+    log.info("resolved config (saved to %s):\n%s", run_dir / "config.yaml", to_yaml(cfg))
 
     def checkpoint(it: int) -> None:
         save_checkpoint(run_dir / "checkpoints" / "last.pt", {
@@ -126,14 +191,15 @@ def train(cfg: Config) -> dict:
             "scaler": scaler.state_dict(), "rng": rng_state(), "config": to_yaml(cfg),
         })
 
-    stop_requested = []
-    previous_handlers = {s: signal.signal(s, lambda *_: stop_requested.append(True))
+    signals: list[int] = []
+    previous_handlers = {s: signal.signal(s, lambda signum, _: signals.append(signum))
                          for s in (signal.SIGINT, signal.SIGTERM)}
     stop = min(cfg.train.stop_at or cfg.train.max_iters, cfg.train.max_iters)
     metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in the loop's finally)
     sums: dict[str, torch.Tensor] = {}  # term -> (unweighted, weighted) summed over the interval's steps
     counts: dict[str, int] = {}  # steps of the interval that computed the term
     weights: dict[str, float] = {}
+    guard = StepGuard(model, optimizer)
     skipped = 0
     last_eval: dict = {}
     bar = tqdm(total=cfg.train.max_iters, initial=step, desc=cfg.name, dynamic_ncols=True, mininterval=2.0)
@@ -142,23 +208,34 @@ def train(cfg: Config) -> dict:
     model.train()
     batches = iter(loader)
     try:
-        while step < stop and not stop_requested:
+        while step < stop and not signals:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
             lr = set_lr(optimizer, step, cfg)
+            guard.save()
             with autocast():
                 terms = compute_losses(model, batch, step, cfg)
             loss = sum(t.weighted for t in terms.values())
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):  # one scalar sync per step: a NaN must never reach the weights
-                skipped += 1
-                log.warning("step %d: non-finite loss, step skipped; unweighted terms %s", step,
-                            {log_names[k]: float(t.value) for k, t in terms.items()})
-                if skipped >= 10:
-                    raise FloatingPointError(f"{skipped} non-finite losses; last at step {step}")
+            problem = None
+            if not torch.isfinite(loss):  # a NaN must never reach the weights (nor the EMA teacher)
+                problem = "non-finite loss; unweighted terms " + str({log_names[k]: float(t.value)
+                                                                      for k, t in terms.items()})
             else:
                 scaler.scale(loss).backward()
+                grads_ok = guard.finite(guard.grads()) if not scaler.is_enabled() else True  # fp16: the scaler's
                 scaler.step(optimizer)
                 scaler.update()
+                if not bool(grads_ok & guard.finite(guard.params)):  # one host sync
+                    problem = f"non-finite {guard.first_bad()} after the update"
+            if problem is not None:
+                guard.restore()
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                log.warning("step %d skipped (weights, optimizer and teacher restored): %s", step, problem)
+                if skipped >= 10:
+                    raise FloatingPointError(f"{skipped} steps skipped for non-finite values; the last at step {step}"
+                                             f" ({problem}); the last checkpoint in {run_dir} holds finite weights")
+            else:
                 for k, t in terms.items():
                     sums[k] = sums.get(k, 0) + torch.stack([t.value.detach().float(), t.weighted.detach().float()])
                     counts[k] = counts.get(k, 0) + 1
@@ -190,7 +267,10 @@ def train(cfg: Config) -> dict:
                             tensorboard.add_scalar(f"train/{key}", record[key], step)
                     tensorboard.flush()
                 sums, counts, t_log, step_log = {}, {}, now, step
-            if step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters:
+            evaluate = step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters
+            if evaluate or step % cfg.train.ckpt_interval == 0 or step == stop:
+                checkpoint(step)  # before the evaluation: an evaluation failure never loses the step
+            if evaluate:
                 last_eval = evaluator(model, step)
                 metrics.write(json.dumps({"eval": last_eval}) + "\n")
                 metrics.flush()
@@ -199,11 +279,9 @@ def train(cfg: Config) -> dict:
                         if key.endswith("_miou"):
                             tensorboard.add_scalar(f"eval/{key}", value, step)
                     tensorboard.flush()
-            if step % cfg.train.ckpt_interval == 0 or step == stop:
-                checkpoint(step)
-        if stop_requested:
+        if signals:
             checkpoint(step)
-            log.warning("stopped by signal at iteration %d; checkpoint saved, resume with run.resume=%s", step, run_dir)
+            raise TrainingInterrupted(signals[0], step, run_dir)
     finally:
         bar.close()
         metrics.close()
@@ -212,6 +290,6 @@ def train(cfg: Config) -> dict:
         for s, h in previous_handlers.items():
             signal.signal(s, h)
     if last_eval:
-        (run_dir / "results.json").write_text(json.dumps(last_eval, indent=1))
+        atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(last_eval, indent=1)))
     log.info("run directory: %s", run_dir)
     return last_eval

@@ -1,0 +1,28 @@
+"""What the commands share: a user's mistake (a bad config, a missing or corrupt file, a checkpoint that does not
+fit, a folder another process holds) ends as one line on stderr and exit status 2, not a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data import DataError
+from .files import DirLockedError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, DirLockedError, FileNotFoundError, FileExistsError)
+
+
+def user_errors(main: Callable) -> Callable:
+    """Wrap a command's ``main``: the errors a user can fix become ``error: <message>`` and exit status 2."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped
