@@ -92,5 +92,5 @@ def load_weights(model: nn.Module, weights: dict, source: str | Path) -> None:
                  f"{len(shapes)} of another shape, checkpoint vs model ({few(shapes)})" if shapes else ""]
         raise CheckpointError(f"checkpoint {source} does not fit the model its config builds: "
                          + "; ".join(p for p in parts if p)
-                         + ". Is it from another train.method, data.num_classes or model.backbone?")
+                         + ". Is it from another train.method, data.num_classes or model.* setting?")
     model.load_state_dict(weights)

@@ -1,0 +1,287 @@
+"""Nothing silent, nothing lost: every bad config, file and fault is a clear error at start or is survived.
+One test per finding of the hostile-user review (issue 15); each failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastwsss.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fastwsss.config import ConfigError
+from fastwsss.data import DataError, SegmentationList, read_image
+from fastwsss.files import DirLock, DirLockedError, atomic_write
+from fastwsss.inference.export import list_images
+from fastwsss.inference.predict import load_model
+from fastwsss.train import main as train_main
+from fastwsss.training import StepGuard, train
+from fastwsss.training import loop as training_loop
+
+QUICK = ["train.max_iters=4", "train.eval_interval=100", "train.ckpt_interval=2"]
+
+
+# ---- silent wrong answers
+
+
+def test_huge_lr_never_puts_a_non_finite_value_in_a_checkpoint(tiny_config, tmp_path, caplog):
+    """MCC at lr 1e6: AdamW's decay factor (1 - lr·wd) = -9999 grows the weights 1e4-fold a step until they
+    overflow while the loss is still finite. Such steps are skipped (weights, optimizer and EMA teacher restored);
+    after ten the run stops, and the last checkpoint holds finite weights."""
+    cfg = tiny_config("train.method=mcc", "optim.lr=1e6", "train.max_iters=40", "train.eval_interval=100",
+                      "train.ckpt_interval=1", "contrast.proj_hidden=64", "contrast.proj_bottleneck=16",
+                      "contrast.proj_dim=32", "contrast.num_local=2")
+    with pytest.raises(FloatingPointError, match="10 steps skipped"):
+        train(cfg)
+    assert "skipped (weights, optimizer and teacher restored)" in caplog.text
+    state = load_checkpoint(tmp_path / "run")
+    for name, t in state["model"].items():
+        assert torch.isfinite(t).all(), name
+    for st in state["optimizer"]["state"].values():
+        assert all(torch.isfinite(v).all() for v in st.values() if torch.is_tensor(v))
+
+
+def test_step_guard_restores_weights_optimizer_and_teacher():
+    model = torch.nn.ModuleDict({"student": torch.nn.Linear(3, 2), "teacher": torch.nn.Linear(3, 2)})
+    model["teacher"].requires_grad_(False)
+    opt = torch.optim.AdamW(model["student"].parameters(), lr=0.1)
+    model["student"](torch.ones(1, 3)).sum().backward()
+    opt.step()  # the optimizer has state now
+    guard = StepGuard(model, opt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {k: v.clone() for k, v in opt.state[model["student"].weight].items()}
+    guard.save()
+    with torch.no_grad():
+        model["teacher"].weight.mul_(float("nan"))  # as the EMA update inside a step would move it
+    model["student"](torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert not torch.isfinite(guard.finite(guard.params).float()) or not bool(guard.finite(guard.params))
+    guard.restore()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in opt.state[model["student"].weight].items():
+        assert torch.equal(v, state_before[k]), k
+
+
+@pytest.mark.parametrize("override, key", [
+    ("cam.high_thresh=1.5", "cam.high_thresh"), ("cam.low_thresh=0.8", "cam.low_thresh=0.8 must be <="),
+    ("cam.bkg_thresh=7", "cam.bkg_thresh"), ("contrast.mcc_mask_prob=1.5", "contrast.mcc_mask_prob"),
+    ("contrast.neg_thresh=-1", "contrast.neg_thresh"), ("optim.warmup_iters=-5", "optim.warmup_iters"),
+    ("optim.head_lr_mult=-10", "optim.head_lr_mult"), ("model.aux_layer=-20", "model.aux_layer"),
+    ("train.stop_at=0", "train.stop_at"), ("train.stop_at=-5", "train.stop_at"),
+    ("contrast.num_local=0", "contrast.num_local"), ("cam.scales=[0.0]", "cam.scales"),
+    ("train.batch_size=0", "train.batch_size"), ("contrast.ema_momentum=5", "contrast.ema_momentum"),
+    ("loss.temperature=0", "loss.temperature"), ("eval.batch_size=0", "eval.batch_size"),
+])
+def test_bad_values_fail_at_start(tiny_config, override, key):
+    with pytest.raises(ConfigError) as err:
+        tiny_config("train.method=mcc", override)
+    assert key in str(err.value)
+
+
+def test_every_typo_at_once_with_its_source(tmp_path):
+    from fastwsss.config import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", ["data.roott=/x", "train.max_iterz=3"])
+    msg = str(err.value)
+    assert "data.roott" in msg and "train.max_iterz" in msg and msg.count("(command line)") == 2
+    assert "demo.yaml" not in msg
+    own = tmp_path / "mine.yaml"
+    own.write_text("base: demo.yaml\nmodel:\n  depht: 3\noptim:\n  lr: fast\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(own, ["cam.scalez=[1.0]"])
+    msg = str(err.value)
+    assert "model.depht: " in msg and "optim.lr: " in msg and msg.count(str(own)) == 2
+    assert "cam.scalez" in msg and "(command line)" in msg
+
+
+def test_edited_masks_give_new_labels(tmp_path):
+    from fastwsss.data.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "d", num_train=3, num_val=1, image_size=32, seed=0)
+    first = SegmentationList(root, "train_aug", "voc", 7)
+    mask_path = first.mask_path(first.names[0])
+    mask = np.array(Image.open(mask_path))
+    absent = next(c for c in range(1, 7) if not first.cls_labels[0, c - 1])
+    mask[:4, :4] = absent
+    Image.fromarray(mask).save(mask_path)
+    again = SegmentationList(root, "train_aug", "voc", 7)
+    assert again.cls_labels[0, absent - 1] and not first.cls_labels[0, absent - 1]
+
+
+def test_16_bit_images_are_scaled_not_white(tmp_path):
+    levels = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(levels).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = np.asarray(read_image(path))
+    assert rgb[0, :, 0].tolist() == [0, 100, 255] and (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_an_unreadable_folder_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "locked").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "locked" / "b.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as a folder without read permission behaves for a non-root user
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match="locked"):
+        list_images(tmp_path)
+
+
+# ---- work lost
+
+
+def test_a_failed_resume_leaves_the_run_config_alone(tiny_config, tmp_path, capsys):
+    train(tiny_config(*QUICK))
+    run = tmp_path / "run"
+    saved = (run / "config.yaml").read_text()
+    missing = tmp_path / "missing"
+    for overrides, error in ((["model.embed_dim=64"], "does not fit"),
+                             (["data.dataset=voc", f"data.root={missing}"], "root not found")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_main([f"run.resume={run}", *overrides, "train.max_iters=6"])
+        assert exit_info.value.code == 2 and error in capsys.readouterr().err
+        assert (run / "config.yaml").read_text() == saved
+    train_main([f"run.resume={run}", "train.max_iters=6"])  # a plain resume still works
+    assert load_checkpoint(run)["iteration"] == 6
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "tiny", "thin"])
+def test_bad_val_images_fail_at_start_with_their_name(tiny_config, synthetic_root, tmp_path, bad):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    val = SegmentationList(root, "val", "voc", 7)
+    image = val.image_path(val.names[1])
+    if bad == "corrupt":
+        image.write_bytes(image.read_bytes()[:100])
+    else:
+        size = (4, 4) if bad == "tiny" else (200, 6)
+        Image.new("RGB", size).save(image, format="JPEG")
+        Image.new("P", size).save(val.mask_path(val.names[1]))
+    with pytest.raises(DataError, match=image.name):
+        train(tiny_config(*QUICK, f"data.root={root}"))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before the first step
+
+
+def test_a_failing_evaluation_never_loses_the_checkpoint_of_its_step(tiny_config, tmp_path, monkeypatch):
+    def broken(self, model, step):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(training_loop.Evaluator, "__call__", broken)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        train(tiny_config("train.max_iters=6", "train.eval_interval=3", "train.ckpt_interval=100"))
+    assert load_checkpoint(tmp_path / "run")["iteration"] == 3
+
+
+def test_a_run_directory_has_one_writer(tiny_config, tmp_path):
+    with DirLock(tmp_path / "run", "run directory"), pytest.raises(DirLockedError, match=str(os.getpid())):
+        train(tiny_config(*QUICK))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_temporaries_are_unique_and_stale_ones_are_removed(tiny_config, tmp_path):
+    names = []
+    for _ in range(2):
+        atomic_write(tmp_path / "x.txt", lambda p: names.append(p.name) or p.write_text("x"))
+    assert names[0] != names[1] and names[0].startswith(".x.txt.") and names[0].endswith(".tmp")
+    train(tiny_config(*QUICK, "train.stop_at=2"))
+    stale = tmp_path / "run" / "checkpoints" / ".last.pt.killed.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(tiny_config(*QUICK, f"run.resume={tmp_path / 'run'}"))
+    assert not stale.exists()
+
+
+def test_sigterm_saves_and_exits_non_zero(tiny_config, tmp_path):
+    """A real process: SIGTERM mid-run saves a checkpoint and exits 128 + 15."""
+    cfg_args = [f"{k}" for k in ("train.max_iters=100000", "train.eval_interval=100000", "train.ckpt_interval=100000",
+                                 "train.log_interval=1")]
+    cfg = tiny_config(*cfg_args)  # the fixture's overrides, as a command line
+    from fastwsss.config import to_yaml
+
+    (tmp_path / "cfg.yaml").write_text(to_yaml(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastwsss.train", "--config", str(tmp_path / "cfg.yaml")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by signal SIGTERM" in err
+    assert load_checkpoint(tmp_path / "run")["iteration"] >= 2
+
+
+# ---- late or deep crashes
+
+
+def test_a_checkpoint_of_another_class_count_is_named(tiny_config, tmp_path):
+    train(tiny_config(*QUICK, "train.stop_at=2"))
+    with pytest.raises(CheckpointError, match=r"classifier\.weight.*data\.num_classes"):
+        load_model(tmp_path / "run", ["data.num_classes=5"])
+
+
+def test_resume_from_a_missing_directory_names_it(tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([f"run.resume={missing}"])
+    assert exit_info.value.code == 2 and str(missing) in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line(tmp_path):
+    missing = tmp_path / "missing"
+    proc = subprocess.run([sys.executable, "-m", "fastwsss.train", "--config", "demo", f"data.root={missing}",
+                           "data.dataset=voc"], capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: dataset root not found: {missing}"
+    assert "Traceback" not in proc.stderr
+
+
+def test_infer_does_not_swallow_model_errors(tiny_config, tmp_path, monkeypatch):
+    """A CUDA out-of-memory or a compile error is not 'image failed' for every image: it stops the run."""
+    from fastwsss.inference import export
+
+    train(tiny_config(*QUICK, "train.stop_at=2"))
+    model, cfg, _ = load_model(tmp_path / "run")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (48, 48), (i * 50, 0, 0)).save(images / f"{i}.png")
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(export, "multiscale_seg_logits", oom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        export.run(cfg, model, list_images(images), tmp_path / "out", device=torch.device("cpu"))
+    tiny = images / "tiny.png"
+    Image.new("RGB", (4, 4)).save(tiny)
+    monkeypatch.undo()
+    summary = export.run(cfg, model, list_images(images), tmp_path / "out2", device=torch.device("cpu"))
+    assert summary["failed"] == 1 and "tiny.png is 4x4" in summary["failures"][0]["error"]
+
+
+def test_checkpoints_are_written_through_unique_temporaries(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", {"iteration": 1, "model": {}, "config": ""})
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    assert json.dumps(load_checkpoint(tmp_path / "c.pt")["iteration"]) == "1"
