@@ -37,6 +37,7 @@ def test_huge_lr_never_puts_a_non_finite_value_in_a_checkpoint(tiny_config, tmp_
     overflow while the loss is still finite. Such steps are skipped (weights, optimizer and EMA teacher restored);
     after ten the run stops, and the last checkpoint holds finite weights."""
     cfg = tiny_config("train.method=mcc", "optim.lr=1e6", "train.max_iters=40", "train.eval_interval=100",
+                      "kernels.backend=torch",
                       "train.ckpt_interval=1", "contrast.proj_hidden=64", "contrast.proj_bottleneck=16",
                       "contrast.proj_dim=32", "contrast.num_local=2")
     with pytest.raises(FloatingPointError, match="10 steps skipped"):
