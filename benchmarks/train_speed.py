@@ -35,6 +35,7 @@ PATHS = {
 }
 SIZES = {"voc": (375, 500), "coco": (427, 640)}
 EVERY_TERM = ["loss.aff_start=0", "loss.con_start=0", "loss.seg_start=0", "loss.reg_start=0"]
+RANDOM_WEIGHTS = ["model.pretrained=none"]  # speed and memory do not depend on the weights; no file needed
 TINY = ["data.crop_size=64", "data.rescale_range=[0.75,1.25]", "model.backbone=deit_tiny_patch16_224",
         "model.img_size=64", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.aux_layer=-2",
         "model.num_heads=2",
@@ -45,7 +46,7 @@ TINY = ["data.crop_size=64", "data.rescale_range=[0.75,1.25]", "model.backbone=d
 def measure(config: str, path: str, iters: int, data_root: Path, run_dir: Path, overrides: list[str],
             tiny: bool = False) -> dict:
     """One run; returns the steady it/s, seconds per iteration, peak GPU memory and what ran."""
-    probe = load_config(config, [f"data.root={data_root}"])
+    probe = load_config(config, [f"data.root={data_root}", *RANDOM_WEIGHTS])
     layout = probe.data.dataset if probe.data.dataset in SIZES else "voc"
     generate_dataset(data_root, num_train=16 if tiny else 32, num_val=1, layout=layout,
                      image_size=(48, 64) if tiny else SIZES[layout], seed=0)
@@ -53,7 +54,7 @@ def measure(config: str, path: str, iters: int, data_root: Path, run_dir: Path, 
     cfg = load_config(config, [
         f"data.root={data_root}", f"run.dir={run_dir}", f"train.max_iters={iters}", f"train.log_interval={log_every}",
         f"train.eval_interval={10**9}", f"train.ckpt_interval={10**9}", "eval.max_images=1", "eval.num_vis=0",
-        *EVERY_TERM, *PATHS[path], *(TINY if tiny else []), *overrides])
+        *EVERY_TERM, *RANDOM_WEIGHTS, *PATHS[path], *(TINY if tiny else []), *overrides])
     cuda = torch.cuda.is_available() and cfg.train.device in ("auto", "cuda")
     if cuda:
         torch.cuda.empty_cache()

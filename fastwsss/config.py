@@ -49,7 +49,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "deit_base_patch16_224"  # any timm ViT with one class token
-    pretrained: str = ""  # "" = random init, "timm" = timm's hub weights, else a local .pth/.safetensors file
+    pretrained: str = "none"  # none (or "") = random init, timm = timm's hub weights, else a .pth / .safetensors file
+    pretrained_source: str = ""  # what the paper fine-tuned: named when a paper config misses model.pretrained
     pretrained_strict: bool = True  # missing backbone keys in the file are an error (else a loud warning)
     img_size: int = 224  # the position-embedding table covers img_size/patch_size squared patches
     patch_size: int | None = None  # None = the timm architecture's own; set for small CPU ViTs
@@ -387,11 +388,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     errors = [e for layer, source in layers for e in _layer_errors(schema, layer, source)]
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    merged = OmegaConf.merge(schema, *(layer for layer, _ in layers))
+    # a layer's ??? (mandatory) must be set by a later layer: merging ??? would silently keep the default
+    missing = sorted({key for i, (layer, _) in enumerate(layers) for key in OmegaConf.missing_keys(layer)
+                      if not any(OmegaConf.select(later, key, default=None) is not None
+                                 and not OmegaConf.is_missing(later, key) for later, _ in layers[i + 1:])})
+    if missing:
+        raise ConfigError("\n".join(_missing_message(merged, key) for key in missing))
     try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(schema, *(layer for layer, _ in layers)))
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:  # what the per-key checks cannot see (e.g. an interpolation)
         raise ConfigError(f"bad config: {err}") from None
     return validate(cfg)
+
+
+def _missing_message(cfg, key: str) -> str:
+    """A mandatory value (``???`` in a YAML) that nothing set; for model.pretrained, what the paper used."""
+    if key != "model.pretrained":
+        return f"{key} must be set (the config marks it ???): add {key}=..."
+    source = cfg.model.pretrained_source or "ImageNet weights"
+    return (f"{cfg.name} fine-tunes pretrained weights, as the paper does: {source}. Set model.pretrained=<file> "
+            "(.pth or .safetensors with timm's names; README 'Pretrained weights' shows how to save one), "
+            "model.pretrained=timm where timm's hub is reachable, or model.pretrained=none to train from scratch "
+            "on purpose")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import version_string
 from .cli import user_errors
 from .config import load_config, packaged_configs_help, to_yaml
+from .inference.predict import check_weights
 from .training import TrainingInterrupted, train
 
 DEFAULT_CONFIG = "demo"  # a packaged config (fastwsss.configs)
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
                              "when resuming: the run's own)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the fully resolved config (defaults <- YAML <- overrides) and exit without running")
+    parser.add_argument("--check-weights", action="store_true",
+                        help="build the backbone, load model.pretrained into it and report what was loaded, missing, "
+                             "unexpected and resampled; exit 1 if a backbone tensor is missing. Trains nothing")
     parser.add_argument("--version", action="version", version=version_string())
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_iters=100 data.root=/data/VOC2012")
     args = parser.parse_args(argv)
@@ -50,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return
+    if args.check_weights:
+        report = check_weights(cfg.model)
+        print(report)
+        sys.exit(1 if report.missing else 0)
     try:
         result = train(cfg)
     except TrainingInterrupted as stopped:

@@ -38,10 +38,11 @@ def test_version_comes_from_the_package_metadata(main, capsys):
 
 def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert train_main(["--config", "voc_mcc", "--print-config", "train.max_iters=3", "data.root=/x"]) is None
+    assert train_main(["--config", "voc_mcc", "--print-config", "train.max_iters=3", "data.root=/x",
+                       "model.pretrained=none"]) is None
     printed = tmp_path / "printed.yaml"
     printed.write_text(capsys.readouterr().out)
-    assert load_config(printed) == load_config("voc_mcc", ["train.max_iters=3", "data.root=/x"])
+    assert load_config(printed) == load_config("voc_mcc", ["train.max_iters=3", "data.root=/x", "model.pretrained=none"])
     assert list(tmp_path.iterdir()) == [printed]  # no data generated, no run directory
     train_main(["--print-config"])  # no --config: the demo
     assert capsys.readouterr().out.startswith("name: demo\n")

@@ -15,6 +15,7 @@ from fastwsss.config import (
 )
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+SCRATCH = "model.pretrained=none"  # the paper configs require a weights file (or none, on purpose)
 
 
 def test_all_configs_present():
@@ -27,7 +28,7 @@ def _plain(value):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_yaml_loads_and_starts_with_a_comment(path):
-    cfg = load_config(path)
+    cfg = load_config(path, [SCRATCH])
     assert cfg.name == path.stem
     assert path.read_text().startswith("#"), "each YAML starts with what it reproduces and how to run it"
     # a YAML holds only differences from what it starts from (the schema, and its base: chain)
@@ -39,7 +40,8 @@ def test_every_yaml_loads_and_starts_with_a_comment(path):
 
 
 def test_paper_settings():
-    voc, coco = load_config(CONFIGS[0].parent / "voc_mcc.yaml"), load_config(CONFIGS[0].parent / "coco_toco.yaml")
+    voc = load_config(CONFIGS[0].parent / "voc_mcc.yaml", [SCRATCH])
+    coco = load_config(CONFIGS[0].parent / "coco_toco.yaml", [SCRATCH])
     assert (voc.train.max_iters, voc.train.batch_size, voc.data.crop_size, voc.optim.lr) == (20000, 4, 448, 6e-5)
     assert (voc.loss.w_aff, voc.loss.w_con, voc.loss.w_seg, voc.loss.w_reg, voc.loss.seg_start) == (0.2, 0.5, 0.1, 0.05, 2001)
     assert voc.model.backbone == "deit_base_patch16_224" and voc.model.freeze_pos_embed
@@ -106,9 +108,9 @@ def test_first_line_says_what_the_config_reproduces(path):
 
 def test_config_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ here
-    by_path = load_config(CONFIGS[0].parent / "voc_mcc.yaml", ["train.max_iters=5"])
-    assert load_config("voc_mcc", ["train.max_iters=5"]) == by_path
-    assert load_config("voc_mcc.yaml", ["train.max_iters=5"]) == by_path
+    by_path = load_config(CONFIGS[0].parent / "voc_mcc.yaml", ["train.max_iters=5", SCRATCH])
+    assert load_config("voc_mcc", ["train.max_iters=5", SCRATCH]) == by_path
+    assert load_config("voc_mcc.yaml", ["train.max_iters=5", SCRATCH]) == by_path
     assert load_config("demo_cam").train.method == "cam"  # its `base: demo.yaml` resolves inside the package
     with pytest.raises(ConfigError, match=r"not found: voc_mcx.*nor a packaged config: coco_mcc, .*voc_toco"):
         load_config("voc_mcx")
@@ -122,8 +124,44 @@ def test_a_local_file_wins_over_a_packaged_name_and_may_start_from_one(tmp_path,
     assert load_config("demo.yaml").name == "my_demo"
     assert load_config("demo").name == "demo"  # a bare name that is no file here is the packaged config
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "mine.yaml").write_text("base: voc_mcc.yaml\nname: mine\ntrain:\n  max_iters: 9\n")
+    (tmp_path / "sub" / "mine.yaml").write_text("base: voc_mcc.yaml\nname: mine\ntrain:\n  max_iters: 9\n"
+                                                "model:\n  pretrained: none\n")
     cfg = load_config(tmp_path / "sub" / "mine.yaml")
     assert (cfg.name, cfg.train.method, cfg.train.max_iters) == ("mine", "mcc", 9)
     (tmp_path / "sub" / "voc_mcc.yaml").write_text("name: sibling\n")  # a file beside it wins over the package
     assert load_config(tmp_path / "sub" / "mine.yaml").train.method == "cam"
+
+
+@pytest.mark.parametrize("name", ["voc_toco", "voc_mcc", "coco_toco", "coco_mcc"])
+def test_paper_configs_refuse_to_start_without_pretrained_weights(name, tmp_path):
+    with pytest.raises(ConfigError, match=r"fine-tunes pretrained weights.*deit_base_patch16_224\.fb_in1k.*"
+                                          r"model\.pretrained=none"):
+        load_config(name)
+    assert load_config(name, ["model.pretrained=/w/deit.pth"]).model.pretrained == "/w/deit.pth"
+    assert load_config(name, [SCRATCH]).model.pretrained == "none"
+    own = tmp_path / "own.yaml"  # a config of one's own that starts from a paper config must set it too
+    own.write_text(f"base: {name}.yaml\nname: own\n")
+    with pytest.raises(ConfigError, match="fine-tunes pretrained weights"):
+        load_config(own)
+
+
+def test_check_weights_reports_how_a_file_maps_onto_the_backbone(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from fastwsss.models import create_vit
+
+    vit = create_vit("deit_tiny_patch16_224", img_size=96, patch_size=8, embed_dim=96, depth=4, num_heads=3)
+    weights = vit.state_dict()
+    weights.pop("blocks.3.mlp.fc2.bias")
+    weights["head.weight"] = torch.zeros(3)
+    weights["pos_embed"] = torch.zeros(1, 1 + 7 * 7, 96)  # another grid: resampled
+    torch.save(weights, tmp_path / "w.pth")
+    proc = subprocess.run([sys.executable, "-m", "fastwsss.train", "--config", "demo", f"model.pretrained={tmp_path}/w.pth",
+                           "--check-weights"], capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "MISSING (left at random init): 1: blocks.3.mlp.fc2.bias" in proc.stdout
+    assert "UNEXPECTED (ignored): 1: head.weight" in proc.stdout and "resized: 1: pos_embed" in proc.stdout
+    assert not (tmp_path / "runs").exists()  # trains nothing

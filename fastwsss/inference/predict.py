@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint, load_weights
 from ..config import Config, ConfigError, InferConfig, ModelConfig, load_config
-from ..models import WSSSNet, build_model
+from ..models import LoadReport, WSSSNet, build_model, create_vit, load_pretrained
 from .crf import CRFParams, CRFRunner
 
 log = logging.getLogger("fastwsss")
@@ -73,6 +73,16 @@ def model_from_config(model: ModelConfig, num_classes: int, projector: dict | No
     return build_model(num_classes, projector=projector, **dataclasses.asdict(model))
 
 
+def check_weights(model: ModelConfig) -> LoadReport:
+    """How the file ``model.pretrained`` maps onto the backbone ``model.*`` describes: loaded, missing, unexpected
+    and resampled tensors (missing ones are reported, not raised: that is what the report is for)."""
+    if model.pretrained in ("", "none", "timm"):
+        raise ConfigError(f"--check-weights reads a weights file: model.pretrained={model.pretrained!r} names none")
+    vit = create_vit(model.backbone, img_size=model.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
+                     depth=model.depth, num_heads=model.num_heads, freeze_pos_embed=model.freeze_pos_embed)
+    return load_pretrained(vit, model.pretrained, strict=False)
+
+
 def config_from_checkpoint(state: dict, overrides: Sequence[str] = ()) -> Config:
     """The checkpoint's own config (its YAML text), then ``key=value`` overrides."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
@@ -92,7 +102,7 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device: to
     checkpoint) and without the contrast projector, which inference never uses."""
     state = load_checkpoint(checkpoint)
     cfg = config_from_checkpoint(state, overrides)
-    cfg.model.pretrained = ""
+    cfg.model.pretrained = "none"
     model = model_from_config(cfg.model, cfg.data.num_classes)
     weights = {k: v for k, v in state["model"].items() if not k.startswith(("proj_head.", "proj_head_t."))}
     load_weights(model, weights, state["path"])

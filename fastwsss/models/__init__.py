@@ -19,17 +19,19 @@ __all__ = ["LargeFOV", "LoadReport", "Outputs", "ProjectionHead", "WSSSNet", "bu
            "resample_pos_embed"]
 
 
-def build_model(num_classes: int, *, backbone: str, pretrained: str = "", pretrained_strict: bool = True,
+def build_model(num_classes: int, *, backbone: str, pretrained: str = "none", pretrained_strict: bool = True,
                 img_size: int = 224, patch_size: int | None = None, embed_dim: int | None = None,
                 depth: int | None = None, num_heads: int | None = None, aux_layer: int = -3,
                 freeze_pos_embed: bool = True, decoder_channels: int = 512, decoder_dilation: int = 5,
                 projector: dict | None = None) -> WSSSNet:
-    """A timm ViT ``backbone`` (``pretrained``: "" random init, "timm" timm's hub weights, else a local file) plus
-    the heads for ``num_classes`` classes; ``projector`` (ProjectionHead kwargs) adds the contrast projector and its
-    EMA teacher. The keyword arguments are ``ModelConfig``'s fields (SPEC §1, §2)."""
+    """A timm ViT ``backbone`` (``pretrained``: "none" or "" random init, "timm" timm's hub weights, else a local
+    file) plus the heads for ``num_classes`` classes; ``projector`` (ProjectionHead kwargs) adds the contrast
+    projector and its EMA teacher. The keyword arguments are ``ModelConfig``'s fields (SPEC §1, §2);
+    ``pretrained_source`` only documents what a paper config expects."""
     vit = create_vit(backbone, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                      num_heads=num_heads, pretrained_timm=pretrained == "timm", freeze_pos_embed=freeze_pos_embed)
-    if pretrained not in ("", "timm"):
+    if pretrained not in ("", "none", "timm"):
         load_pretrained(vit, pretrained, strict=pretrained_strict)
     return WSSSNet(vit, num_classes, aux_layer=aux_layer, decoder_channels=decoder_channels,
                    decoder_dilation=decoder_dilation, projector=projector)
+
