@@ -9,10 +9,11 @@ from collections.abc import Callable
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .data import DataError
+from .data import DataError, LabelFileError
 from .files import DirLockedError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, DirLockedError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, LabelFileError, CheckpointError, DirLockedError, FileNotFoundError,
+               FileExistsError)
 
 
 def user_errors(main: Callable) -> Callable:

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 METHODS = ("cam", "toco", "mcc")
-DATASETS = ("voc", "coco", "synthetic")
+DATASETS = ("voc", "coco", "synthetic", "folder")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -44,6 +44,11 @@ class DataConfig:
     blur_p: float = 1.0  # Gaussian blur, radius U(0.1, 2.0)
     num_workers: int = 4
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # image-level labels from files instead of masks (README "Your own data"); masks are then needed only to evaluate
+    labels: str = ""  # the train split's labels: a CSV (image, classes...) or cls_labels_onehot.npy
+    val_labels: str = ""  # the val split's (folder layout: without it, no in-training evaluation)
+    class_names: str = ""  # a file of class names, one per line (default: <root>/classes.txt, VOC's for 21)
+    masks: str = ""  # folder layout: the masks of the evaluated images, <masks>/<name>.png (default <root>/masks)
 
 
 @dataclass
@@ -236,6 +241,8 @@ def validate(cfg: Config) -> Config:
         scales = list(getattr(getattr(cfg, section), name))
         if not scales or min(scales) <= 0:
             errors.append(f"{key}={scales} must be one or more positive scales")
+    if cfg.data.dataset == "folder" and not cfg.data.labels:
+        errors.append("data.dataset=folder reads its images and labels from data.labels (a CSV or .npy): set it")
     if cfg.data.num_classes < 2:
         errors.append(f"data.num_classes={cfg.data.num_classes} must count background plus at least one class")
     lo, hi = cfg.data.rescale_range

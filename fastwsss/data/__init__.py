@@ -15,25 +15,36 @@ from .datasets import (
     read_image,
     read_mask,
 )
+from .labels import LabelFileError, read_class_names, read_label_file
 from .synthetic import generate_dataset
 
-__all__ = ["IGNORE_INDEX", "DataError", "EvalDataset", "ResumableSampler", "SegmentationList", "TrainDataset",
-           "class_names", "open_split", "open_splits", "read_image", "read_mask"]
+__all__ = ["IGNORE_INDEX", "DataError", "EvalDataset", "LabelFileError", "ResumableSampler", "SegmentationList",
+           "TrainDataset", "class_names", "open_split", "open_splits", "read_class_names", "read_image",
+           "read_label_file", "read_mask"]
 
 
 def open_split(cfg: DataConfig, split: str) -> SegmentationList:
-    """One split list of ``cfg``'s dataset (the COCO layout for ``coco``, VOC's for ``voc`` and ``synthetic``)."""
-    layout = "coco" if cfg.dataset == "coco" else "voc"
-    return SegmentationList(cfg.root, split, layout, cfg.num_classes)
+    """One split of ``cfg``'s dataset: the COCO layout for ``coco``, VOC's for ``voc`` and ``synthetic``, any
+    images listed by a label file for ``folder``. ``data.labels`` / ``data.val_labels`` give the train / val split's
+    image-level labels from a file instead of from masks."""
+    labels = cfg.labels if split == cfg.train_split else cfg.val_labels if split == cfg.val_split else ""
+    if cfg.dataset == "folder" and not labels:
+        raise DataError(f"data.dataset=folder: split {split!r} has no label file (data.labels is the train split's, "
+                        "data.val_labels the val split's)")
+    layout = {"coco": "coco", "folder": "folder"}.get(cfg.dataset, "voc")
+    return SegmentationList(cfg.root, split, layout, cfg.num_classes, labels=labels or None,
+                            class_names=class_names(cfg), masks=cfg.masks or None)
 
 
-def open_splits(cfg: DataConfig) -> tuple[SegmentationList, SegmentationList]:
-    """Train and val split lists of ``cfg``; synthetic data is generated into ``cfg.root`` first if missing."""
+def open_splits(cfg: DataConfig) -> tuple[SegmentationList, SegmentationList | None]:
+    """Train and val split lists of ``cfg`` (val None: a folder dataset without data.val_labels); synthetic data is
+    generated into ``cfg.root`` first if missing."""
     if cfg.dataset == "synthetic":
         s = cfg.synthetic
         generate_dataset(cfg.root, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed,
                          num_workers=min(cfg.num_workers, 2))
-    return open_split(cfg, cfg.train_split), open_split(cfg, cfg.val_split)
+    val = None if cfg.dataset == "folder" and not cfg.val_labels else open_split(cfg, cfg.val_split)
+    return open_split(cfg, cfg.train_split), val
 
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -42,11 +53,13 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 
 
 def class_names(cfg: DataConfig) -> list[str]:
-    """Names from ``<root>/classes.txt`` when present (synthetic, custom data), VOC's for 21 classes,
-    else ``class_<i>``."""
+    """[background, ...]: from ``data.class_names`` when set, else ``<root>/classes.txt`` when present (synthetic,
+    converted COCO, your own data), VOC's for 21 classes, else ``class_<i>``."""
+    if cfg.class_names:
+        return read_class_names(cfg.class_names, cfg.num_classes)
     path = Path(cfg.root) / "classes.txt"
     if path.is_file():
-        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        names = read_class_names(path)
         if len(names) == cfg.num_classes:
             return names
     if cfg.num_classes == len(VOC_CLASSES):

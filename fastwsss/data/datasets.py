@@ -22,10 +22,11 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
+from .labels import read_label_file
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, augment, contrast_sample, normalize, random_key_masks
 
 IGNORE_INDEX = 255
-LAYOUTS = ("voc", "coco")
+LAYOUTS = ("voc", "coco", "folder")
 
 
 class DataError(RuntimeError):
@@ -60,29 +61,66 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 class SegmentationList:
-    """Names, paths and cached image-level labels of one split of a dataset in a standard layout."""
+    """Names, paths and image-level labels of one split of a dataset.
 
-    def __init__(self, root: str | os.PathLike, split: str, layout: str = "voc", num_classes: int = 21):
+    Layouts: ``voc`` and ``coco`` (the standard folders; the split is a list file) and ``folder`` (any images under
+    ``root``; the split is the label file, whose paths are relative to ``root``). Image-level labels come from the
+    masks (scanned once, cached) or, given ``labels`` (a CSV or ``cls_labels_onehot.npy``, see ``labels.py``), from
+    that file: then masks are needed only to evaluate (``has_masks``), from ``masks`` (a folder of ``<name>.png``)
+    for the folder layout. ``class_names`` ([background, ...]) resolve the classes a CSV names.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, layout: str = "voc", num_classes: int = 21, *,
+                 labels: str | os.PathLike | None = None, class_names: list[str] | None = None,
+                 masks: str | os.PathLike | None = None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
         self.root, self.split, self.layout, self.num_classes = Path(root), split, layout, num_classes
+        self.masks = Path(masks) if masks else None
+        self._files: dict[str, Path] = {}
         if not self.root.is_dir():
             raise DataError(f"dataset root not found: {self.root}")
-        list_path = self.root / ("ImageSets/Segmentation" if layout == "voc" else "ImageSets") / f"{split}.txt"
-        if not list_path.is_file():
-            raise DataError(f"split list not found: {list_path}")
-        lines = [ln.split()[0] for ln in list_path.read_text().splitlines() if ln.strip()]
-        self.names = [Path(ln).stem for ln in lines]
+        if layout == "folder" and labels is None:
+            raise DataError(f"the folder layout lists its images in a label file: none given for split {split!r}")
+        classes = class_names or [f"class_{i}" for i in range(num_classes)]
+        if len(classes) != num_classes:
+            raise DataError(f"{len(classes)} class names for data.num_classes={num_classes}")
+        if layout == "folder":
+            self.list_path = Path(labels)
+            self.names, file_labels, self._files = read_label_file(labels, classes, images=self.root)
+        else:
+            list_path = self.root / ("ImageSets/Segmentation" if layout == "voc" else "ImageSets") / f"{split}.txt"
+            if not list_path.is_file():
+                raise DataError(f"split list not found: {list_path}")
+            lines = [ln.split()[0] for ln in list_path.read_text().splitlines() if ln.strip()]
+            self.names = [Path(ln).stem for ln in lines]
+            self.list_path = list_path
+            if labels is not None:
+                listed, table, _ = read_label_file(labels, classes)
+                rows = {n: i for i, n in enumerate(listed)}
+                unlabelled = [n for n in self.names if n not in rows]
+                if unlabelled:
+                    more = f" (and {len(unlabelled) - 3} more)" if len(unlabelled) > 3 else ""
+                    raise DataError(f"{len(unlabelled)} image(s) of {list_path} have no labels in {labels}: "
+                                    f"{', '.join(unlabelled[:3])}{more}")
+                file_labels = table[[rows[n] for n in self.names]]
         if not self.names:
-            raise DataError(f"split list is empty: {list_path}")
-        self.list_path = list_path
-        for kind, paths in (("image", map(self.image_path, self.names)), ("mask", map(self.mask_path, self.names))):
-            missing = [str(p) for p in paths if not p.is_file()]
-            if missing:
-                more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-                raise DataError(f"{len(missing)} {kind}(s) of {list_path} not found: {', '.join(missing[:3])}{more}")
-        self.pixel_counts = self._class_pixel_counts()  # [N, C] int64
-        self.cls_labels = self.pixel_counts[:, 1:] > 0  # [N, C-1] image-level labels
+            raise DataError(f"split list is empty: {self.list_path}")
+        self._check_exist("image", self.image_path)
+        self.has_masks = all(self.mask_path(n).is_file() for n in self.names)
+        if labels is None:
+            self._check_exist("mask", self.mask_path)
+            self.pixel_counts = self._class_pixel_counts()  # [N, C] int64
+            self.cls_labels = self.pixel_counts[:, 1:] > 0  # [N, C-1] image-level labels
+        else:
+            self.pixel_counts = None  # no masks are read for labels: the file is the supervision
+            self.cls_labels = file_labels
+
+    def _check_exist(self, kind: str, path_of) -> None:
+        missing = [str(p) for p in map(path_of, self.names) if not p.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise DataError(f"{len(missing)} {kind}(s) of {self.list_path} not found: {', '.join(missing[:3])}{more}")
 
     def _subset(self, name: str) -> str:
         for subset in ("train2014", "val2014"):
@@ -91,11 +129,15 @@ class SegmentationList:
         raise DataError(f"COCO image name {name!r} names neither train2014 nor val2014")
 
     def image_path(self, name: str) -> Path:
+        if self.layout == "folder":
+            return self._files[name]
         if self.layout == "voc":
             return self.root / "JPEGImages" / f"{name}.jpg"
         return self.root / "JPEGImages" / self._subset(name) / f"{name}.jpg"
 
     def mask_path(self, name: str) -> Path:
+        if self.layout == "folder":
+            return (self.masks or self.root / "masks") / f"{name}.png"
         if self.layout == "voc":
             return self.root / "SegmentationClassAug" / f"{name}.png"
         return self.root / "SegmentationClass" / self._subset(name) / f"{name}.png"

@@ -58,8 +58,12 @@ def format_table(class_names: list[str], columns: dict[str, ConfusionMatrix]) ->
     return "\n".join(lines)
 
 
-def class_pixel_prior(pixel_counts: np.ndarray) -> np.ndarray:
-    """Fraction of all (non-ignored) training pixels per class, [C]."""
+def class_pixel_prior(pixel_counts: np.ndarray | None, cls_labels: np.ndarray | None = None) -> np.ndarray:
+    """Fraction of all (non-ignored) training pixels per class, [C]; without masks (labels from a file), the
+    fraction of training images that hold each foreground class (background 0)."""
+    if pixel_counts is None:
+        freq = np.asarray(cls_labels, dtype=np.float64).mean(0)
+        return np.concatenate([[0.0], freq])
     totals = pixel_counts.sum(0).astype(np.float64)
     return totals / max(totals.sum(), 1.0)
 

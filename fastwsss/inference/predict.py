@@ -70,7 +70,9 @@ def multiscale_seg_logits(model: torch.nn.Module, x: torch.Tensor, *, scales: Se
 def model_from_config(model: ModelConfig, num_classes: int, projector: dict | None = None) -> WSSSNet:
     """The network ``model.*`` describes (pretrained weights loaded when asked), with ``num_classes`` classes;
     ``projector`` (ProjectionHead kwargs) adds the contrast projector and its EMA teacher."""
-    return build_model(num_classes, projector=projector, **dataclasses.asdict(model))
+    kwargs = dataclasses.asdict(model)
+    del kwargs["pretrained_source"]  # what a paper config expects: named in an error, not built
+    return build_model(num_classes, projector=projector, **kwargs)
 
 
 def check_weights(model: ModelConfig) -> LoadReport:

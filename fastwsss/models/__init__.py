@@ -26,8 +26,7 @@ def build_model(num_classes: int, *, backbone: str, pretrained: str = "none", pr
                 projector: dict | None = None) -> WSSSNet:
     """A timm ViT ``backbone`` (``pretrained``: "none" or "" random init, "timm" timm's hub weights, else a local
     file) plus the heads for ``num_classes`` classes; ``projector`` (ProjectionHead kwargs) adds the contrast
-    projector and its EMA teacher. The keyword arguments are ``ModelConfig``'s fields (SPEC §1, §2);
-    ``pretrained_source`` only documents what a paper config expects."""
+    projector and its EMA teacher. The keyword arguments are ``ModelConfig``'s fields (SPEC §1, §2)."""
     vit = create_vit(backbone, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                      num_heads=num_heads, pretrained_timm=pretrained == "timm", freeze_pos_embed=freeze_pos_embed)
     if pretrained not in ("", "none", "timm"):

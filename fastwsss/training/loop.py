@@ -148,7 +148,8 @@ def _train(cfg: Config, run_dir: Path, resume: dict | None) -> dict:
     amp = autocast_dtype(cfg.train.precision, device)
     autocast = make_autocast(cfg.train.precision, device)
     train_items, val_items = open_splits(cfg.data)
-    log.info("data: %s train / %s val images from %s", len(train_items.names), len(val_items.names), cfg.data.root)
+    log.info("data: %s train / %s val images from %s", len(train_items.names),
+             len(val_items.names) if val_items is not None else 0, cfg.data.root)
 
     c = cfg.contrast
     projector = None if cfg.train.method == "cam" else {
@@ -177,8 +178,14 @@ def _train(cfg: Config, run_dir: Path, resume: dict | None) -> dict:
     loader = DataLoader(train_set, batch_size=bs, sampler=ResumableSampler(len(train_set), cfg.train.seed, step * bs),
                         num_workers=cfg.data.num_workers, drop_last=True, pin_memory=device.type == "cuda",
                         persistent_workers=cfg.data.num_workers > 0)
-    evaluator = Evaluator(cfg, val_items, class_pixel_prior(train_items.pixel_counts), run_dir, device, autocast,
-                          min_side=math.ceil(patch / min(cfg.cam.scales)))
+    if val_items is not None and val_items.has_masks:
+        prior = class_pixel_prior(train_items.pixel_counts, train_items.cls_labels)
+        evaluator = Evaluator(cfg, val_items, prior, run_dir, device, autocast,
+                              min_side=math.ceil(patch / min(cfg.cam.scales)))
+    else:
+        evaluator = None
+        log.warning("no masks for the val split (%s): training runs without in-training evaluation",
+                    "no data.val_labels" if val_items is None else f"e.g. {val_items.mask_path(val_items.names[0])}")
     tensorboard = open_tensorboard(run_dir / "tensorboard") if cfg.run.tensorboard else None
     log_names = LOG_NAMES[cfg.train.method]
     # everything is built and the resume has succeeded: only now does the run's config change
@@ -270,7 +277,7 @@ def _train(cfg: Config, run_dir: Path, resume: dict | None) -> dict:
             evaluate = step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters
             if evaluate or step % cfg.train.ckpt_interval == 0 or step == stop:
                 checkpoint(step)  # before the evaluation: an evaluation failure never loses the step
-            if evaluate:
+            if evaluate and evaluator is not None:
                 last_eval = evaluator(model, step)
                 metrics.write(json.dumps({"eval": last_eval}) + "\n")
                 metrics.flush()
