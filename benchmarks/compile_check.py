@@ -38,7 +38,6 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-DTYPES = ("float32", "float16", "bfloat16")
 # kernels that must really run during the capture (their outputs drive host logic), and the block they run with
 EXECUTE = {"lattice_coords_kernel": ("BLOCK", "P", 4096)}
 # int arguments whose value depends on the data, not only on the shapes: compiled with both divisibilities
@@ -161,11 +160,12 @@ def run_cases(rec: Recorder, quick: bool) -> None:
     from fastwsss.crf import CRFParams, dense_crf_torch
     from fastwsss.data.transforms import random_key_masks
     from fastwsss.kernels import PermutohedralLattice, masked_key_attention, par, token_affinity_loss
+    from fastwsss.kernels._backend import TRITON_DTYPES
     from fastwsss.kernels.attention import MaskedKeyAttention, masked_self_attention, packed_self_attention
     from fastwsss.losses import bilateral_features, reg_loss
     from fastwsss.pseudo import refine_seg_label
 
-    dtypes = [getattr(torch, d) for d in DTYPES]
+    dtypes = TRITON_DTYPES
     g = torch.Generator().manual_seed(0)
 
     # attention: MCC's local views, ViT-B/16 at 448 (N = 785), 8 masks per image, batch 4

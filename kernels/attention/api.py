@@ -11,18 +11,17 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
-from .._backend import device_reasons, resolve_backend
+from .._backend import TRITON_DTYPES, device_reasons, resolve_backend
 from .reference import masked_key_attention_ref, varlen_attention_ref
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
 
 def _kernel_reasons(q: Tensor, *others: Tensor) -> list[str]:
     """Why the Triton kernels cannot take these inputs ([] = they can)."""
     reasons = device_reasons(q, *others)
-    if q.dtype not in DTYPES:
-        reasons.append(f"dtype {q.dtype} (the kernels take {', '.join(str(d) for d in DTYPES)})")
+    if q.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {q.dtype} (the kernels take {', '.join(str(d) for d in TRITON_DTYPES)})")
     if q.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
     return reasons
