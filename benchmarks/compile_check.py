@@ -133,20 +133,12 @@ class Recorder:
 
 
 def _test_image(h: int, w: int, seed: int):
-    """Smooth colour waves, flat discs, mild noise: a lattice as large as a photograph's. [3, h, w] float 0..255."""
-    import numpy as np
+    """A synthetic photograph (a lattice as large as a real image's) as [3, h, w] float32 0..255."""
     import torch
 
-    r = np.random.RandomState(seed)
-    yy, xx = np.mgrid[:h, :w] / max(h, w)
-    img = np.zeros((h, w, 3))
-    for c in range(3):
-        img[..., c] = 128 + 60 * np.sin(2 * np.pi * (xx * r.uniform(0.5, 2) + yy * r.uniform(0.5, 2)) + r.uniform(0, 6))
-    for _ in range(4):
-        cy, cx, rad = r.uniform(0.2, 0.8), r.uniform(0.2, 0.8), r.uniform(0.08, 0.2)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < rad**2] = r.uniform(0, 255, 3)
-    img = np.clip(img + r.randn(h, w, 3) * 3, 0, 255).round()
-    return torch.from_numpy(img).permute(2, 0, 1).float()
+    from fastwsss.kernels.testing import natural_image
+
+    return torch.from_numpy(natural_image(h, w, seed)).permute(2, 0, 1).float()
 
 
 def run_cases(rec: Recorder, quick: bool) -> None:
@@ -159,10 +151,16 @@ def run_cases(rec: Recorder, quick: bool) -> None:
 
     from fastwsss.crf import CRFParams, dense_crf_torch
     from fastwsss.data.transforms import random_key_masks
-    from fastwsss.kernels import PermutohedralLattice, masked_key_attention, par, token_affinity_loss
+    from fastwsss.kernels import (
+        PermutohedralLattice,
+        bilateral_features,
+        masked_key_attention,
+        par,
+        token_affinity_loss,
+    )
     from fastwsss.kernels._backend import TRITON_DTYPES
     from fastwsss.kernels.attention import MaskedKeyAttention, masked_self_attention, packed_self_attention
-    from fastwsss.losses import bilateral_features, reg_loss
+    from fastwsss.losses import reg_loss
     from fastwsss.pseudo import refine_seg_label
 
     dtypes = TRITON_DTYPES

@@ -6,8 +6,9 @@ Each public op takes ``backend="auto"|"triton"|"torch"`` (see ``_backend.py``).
 
 from .affinity import token_affinity_loss
 from .attention import MaskedKeyAttention, masked_key_attention, swap_attention, varlen_attention
-from .lattice import PermutohedralLattice, permutohedral_filter
+from .lattice import PermutohedralLattice, bilateral_features, permutohedral_filter, position_features
 from .par import par, par_affinity, par_propagate
 
-__all__ = ["MaskedKeyAttention", "PermutohedralLattice", "masked_key_attention", "par", "par_affinity", "par_propagate",
-           "permutohedral_filter", "swap_attention", "token_affinity_loss", "varlen_attention"]
+__all__ = ["MaskedKeyAttention", "PermutohedralLattice", "bilateral_features", "masked_key_attention", "par",
+           "par_affinity", "par_propagate", "permutohedral_filter", "position_features", "swap_attention",
+           "token_affinity_loss", "varlen_attention"]
