@@ -1,11 +1,13 @@
 """Public masked-key and packed (varlen) attention: validate, pick the backend, run.
 
 The Triton path is a pair of ``torch.library`` custom ops per function (forward, backward) with fake kernels and
-registered autograd, so it composes with ``torch.compile`` and autograd. triton itself is imported on first use.
+registered autograd, so it composes with ``torch.compile`` and autograd; both functions' pairs are made by one
+factory (``_attention_ops``). triton itself is imported on first use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
 
 import torch
@@ -42,6 +44,46 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str) -> list[st
     return errors
 
 
+def _attention_ops(name: str, index: str, bounds: str, fake_fwd: Callable[..., tuple[Tensor, Tensor]]
+                   ) -> torch.library.CustomOpDef:
+    """The custom ops ``fastwsss::<name>_fwd`` / ``_bwd`` of one layout and the autograd that links them: both layouts
+    take (q, k, v, two int32 index tensors, scale) -- masked: key_idx, counts; packed: seg, cu_seqlens, the names
+    their schemas carry -- and run ``_triton.<name>_fwd`` / ``_bwd``. The forward returns (out, lse2); the backward
+    dq, dk, dv shaped like q. Returns the forward op."""
+    rest = f"Tensor {index}, Tensor {bounds}, float scale"
+
+    @torch.library.custom_op(f"fastwsss::{name}_fwd", mutates_args=(),
+                             schema=f"(Tensor q, Tensor k, Tensor v, {rest}) -> (Tensor, Tensor)")
+    def fwd(q, k, v, idx, bnd, scale):
+        from . import _triton
+
+        return getattr(_triton, f"{name}_fwd")(q, k, v, idx, bnd, scale)
+
+    @torch.library.custom_op(f"fastwsss::{name}_bwd", mutates_args=(), schema=f"(Tensor dout, Tensor q, Tensor k, "
+                             f"Tensor v, Tensor out, Tensor lse, {rest}) -> (Tensor, Tensor, Tensor)")
+    def bwd(dout, q, k, v, out, lse, idx, bnd, scale):
+        from . import _triton
+
+        return getattr(_triton, f"{name}_bwd")(dout, q, k, v, out, lse, idx, bnd, scale)
+
+    @bwd.register_fake
+    def _(dout, q, *_):
+        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, idx, bnd, scale = inputs
+        ctx.save_for_backward(q, k, v, *output, idx, bnd)
+        ctx.scale = scale
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, idx, bnd = ctx.saved_tensors
+        return (*bwd(dout, q, k, v, out, lse, idx, bnd, ctx.scale), None, None, None)
+
+    fwd.register_fake(fake_fwd)
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd
+
+
 # ---- many key masks over shared q, k, v
 
 
@@ -58,46 +100,12 @@ def _empty_masked_out(q: Tensor, num_masks: int) -> Tensor:
     return q.new_empty(B, num_masks, N, H, D).permute(0, 1, 3, 2, 4)
 
 
-@torch.library.custom_op("fastwsss::masked_key_attention_fwd", mutates_args=())
-def _masked_fwd(q: Tensor, k: Tensor, v: Tensor, key_idx: Tensor, counts: Tensor, scale: float
-                ) -> tuple[Tensor, Tensor]:
-    from ._triton import masked_key_attention_fwd
-
-    return masked_key_attention_fwd(q, k, v, key_idx, counts, scale)
-
-
-@_masked_fwd.register_fake
-def _(q, k, v, key_idx, counts, scale):
+def _masked_fake(q, k, v, key_idx, counts, scale):
     B, H, N, _ = q.shape
     return _empty_masked_out(q, key_idx.shape[1]), q.new_empty(B, key_idx.shape[1], H, N, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastwsss::masked_key_attention_bwd", mutates_args=())
-def _masked_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_idx: Tensor,
-                counts: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    from ._triton import masked_key_attention_bwd
-
-    return masked_key_attention_bwd(dout, q, k, v, out, lse, key_idx, counts, scale)
-
-
-@_masked_bwd.register_fake
-def _(dout, q, k, v, out, lse, key_idx, counts, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
-
-
-def _masked_setup(ctx, inputs, output):
-    q, k, v, key_idx, counts, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, key_idx, counts)
-    ctx.scale = scale
-
-
-def _masked_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, key_idx, counts = ctx.saved_tensors
-    dq, dk, dv = _masked_bwd(dout, q, k, v, out, lse, key_idx, counts, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-_masked_fwd.register_autograd(_masked_backward, setup_context=_masked_setup)
+_masked_fwd = _attention_ops("masked_key_attention", "key_idx", "counts", _masked_fake)
 
 
 def masked_key_attention_reasons(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None = None) -> list[str]:
@@ -140,45 +148,11 @@ def segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
     return torch.repeat_interleave(seqs, lengths, output_size=total)
 
 
-@torch.library.custom_op("fastwsss::varlen_attention_fwd", mutates_args=())
-def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, seg: Tensor, cu_seqlens: Tensor, scale: float
-                ) -> tuple[Tensor, Tensor]:
-    from ._triton import varlen_attention_fwd
-
-    return varlen_attention_fwd(q, k, v, seg, cu_seqlens, scale)
-
-
-@_varlen_fwd.register_fake
-def _(q, k, v, seg, cu_seqlens, scale):
+def _varlen_fake(q, k, v, seg, cu_seqlens, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastwsss::varlen_attention_bwd", mutates_args=())
-def _varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seg: Tensor,
-                cu_seqlens: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    from ._triton import varlen_attention_bwd
-
-    return varlen_attention_bwd(dout, q, k, v, out, lse, seg, cu_seqlens, scale)
-
-
-@_varlen_bwd.register_fake
-def _(dout, q, k, v, out, lse, seg, cu_seqlens, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
-
-
-def _varlen_setup(ctx, inputs, output):
-    q, k, v, seg, cu_seqlens, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, seg, cu_seqlens)
-    ctx.scale = scale
-
-
-def _varlen_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, seg, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd(dout, q, k, v, out, lse, seg, cu_seqlens, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+_varlen_fwd = _attention_ops("varlen_attention", "seg", "cu_seqlens", _varlen_fake)
 
 
 def varlen_attention_reasons(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> list[str]:
