@@ -44,6 +44,13 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str) -> list[st
     return errors
 
 
+def _validated_scale(op: str, errors: list[str], q: Tensor, scale: float | None) -> float:
+    """Raise with every input error at once; else the softmax scale (D^-½ unless given)."""
+    if errors:
+        raise ValueError(f"{op}: " + "; ".join(errors))
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
 def _attention_ops(name: str, index: str, bounds: str, fake_fwd: Callable[..., tuple[Tensor, Tensor]]
                    ) -> torch.library.CustomOpDef:
     """The custom ops ``fastwsss::<name>_fwd`` / ``_bwd`` of one layout and the autograd that links them: both layouts
@@ -129,9 +136,7 @@ def masked_key_attention(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor, scal
     if key_keep.ndim != 3 or (q.ndim == 4 and (key_keep.shape[0] != q.shape[0] or key_keep.shape[2] != q.shape[2])):
         expect = f"[{q.shape[0]}, M, {q.shape[2]}]" if q.ndim == 4 else "[B, M, N]"
         errors.append(f"key_keep must be [B, M, N] = {expect}, got shape {tuple(key_keep.shape)}")
-    if errors:
-        raise ValueError(f"{op}: " + "; ".join(errors))
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _validated_scale(op, errors, q, scale)
     if resolve_backend(backend, op, masked_key_attention_reasons(q, k, v, key_keep)) == "torch":
         return masked_key_attention_ref(q, k, v, key_keep, scale)
     key_idx, counts = compact_keys(key_keep)
@@ -180,9 +185,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale:
         cu = cu_seqlens.tolist()
         if cu[0] != 0 or cu[-1] != q.shape[0] or any(a > b for a, b in pairwise(cu)):
             errors.append(f"cu_seqlens must rise from 0 to T = {q.shape[0]}, got {cu if len(cu) <= 12 else '...'}")
-    if errors:
-        raise ValueError(f"{op}: " + "; ".join(errors))
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _validated_scale(op, errors, q, scale)
     if resolve_backend(backend, op, varlen_attention_reasons(q, k, v, cu_seqlens)) == "torch":
         return varlen_attention_ref(q, k, v, cu_seqlens, scale)
     seg = segment_ids(cu_seqlens, q.shape[0])
