@@ -18,9 +18,7 @@ import torch
 
 from fastwsss.kernels.affinity import token_affinity_loss
 from fastwsss.kernels.affinity.reference import token_affinity_loss_reference
-
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
+from fastwsss.kernels.testing import DEVICE, GPU, assert_close
 
 CASES = {  # name: (B, N, D, dtype)
     "vit448-B4-N784-D768-bf16": (4, 784, 768, torch.bfloat16),
@@ -51,12 +49,6 @@ def _case(name: str):
     return _DATA[name]
 
 
-def _check(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
-    err = float((out.detach().float() - ref).abs().max() / ref.abs().max())
-    if not err <= tol:  # NaN fails too
-        raise AssertionError(f"{what}: max error {err:.3e} of max |ref| > {tol}")
-
-
 def _loss_fn(provider: str):
     if provider == "reference":
         return token_affinity_loss_reference
@@ -73,31 +65,24 @@ def _loss_fn(provider: str):
     raise ValueError(provider)
 
 
+@pytest.mark.parametrize("phase", ["forward", "forward+backward"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_affinity_forward(run_case, name, provider):
-    fn = _loss_fn(provider)
-    feats, labels, ref, _ = _case(name)
-    B, N, _, dtype = CASES[name]
-    with torch.no_grad():
-        run_case(lambda: fn(feats, labels), lambda out: _check(out, ref, TOL[dtype], f"{provider} {name} loss"),
-                 case=name, phase="forward", provider=provider, dtype=dtype, tokens=B * N)
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("name", list(CASES))
-def test_affinity_forward_backward(run_case, name, provider):
+def test_affinity(run_case, name, provider, phase):
+    """The loss alone (no autograd), or the loss and its gradient as in training."""
     fn = _loss_fn(provider)
     feats, labels, ref, ref_grad = _case(name)
     B, N, _, dtype = CASES[name]
-    f = feats.detach().requires_grad_()
+    backward = phase == "forward+backward"
+    f = feats.detach().requires_grad_(backward)
 
     def step():
-        loss = fn(f, labels)
-        return loss, torch.autograd.grad(loss, f)[0]
+        with torch.set_grad_enabled(backward):
+            loss = fn(f, labels)
+        return (loss, torch.autograd.grad(loss, f)[0]) if backward else (loss,)
 
     def check(out):
-        _check(out[0], ref, TOL[dtype], f"{provider} {name} loss")
-        _check(out[1], ref_grad, TOL[dtype], f"{provider} {name} grad")
+        for o, r, what in zip(out, (ref, ref_grad), ("loss", "grad")):
+            assert_close(o, r, TOL[dtype], f"{provider} {name} {what}", rtol=0, scale="max")
 
-    run_case(step, check, case=name, phase="forward+backward", provider=provider, dtype=dtype, tokens=B * N)
+    run_case(step, check, case=name, phase=phase, provider=provider, dtype=dtype, tokens=B * N)

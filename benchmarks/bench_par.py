@@ -20,9 +20,7 @@ import pytest
 import torch
 
 from fastwsss.kernels.par import par, par_reference
-
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
+from fastwsss.kernels.testing import DEVICE, GPU, assert_close
 
 CASES = {  # name: (B, K, h, w, present channels per image or None = all, dtype)
     **{f"224-B4-K{k}-fp32": (4, k, 224, 224, None, torch.float32) for k in (2, 3, 8, 21)},
@@ -55,12 +53,6 @@ def _case(name: str):
     return _DATA[name]
 
 
-def _check(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
-    err = float((out.float() - ref).abs().max() / ref.abs().max())
-    if not err <= tol:  # NaN fails too
-        raise AssertionError(f"{what}: max error {err:.3e} of max |ref| > {tol}")
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_par(run_case, name, provider):
@@ -79,5 +71,6 @@ def test_par(run_case, name, provider):
             pytest.skip("; ".join(device_reasons(images)))
         fn = lambda i, m: par(i, m, backend="triton")
     with torch.no_grad():
-        run_case(lambda: fn(images, masks), lambda out: _check(out, ref, TOL[dtype], f"{provider} {name}"),
+        run_case(lambda: fn(images, masks),
+                 lambda out: assert_close(out, ref, TOL[dtype], f"{provider} {name}", rtol=0, scale="max"),
                  case=name, provider=provider, dtype=dtype, channels=K, present=present or K, pixels=B * h * w)

@@ -38,7 +38,6 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-DTYPES = ("float32", "float16", "bfloat16")
 # kernels that must really run during the capture (their outputs drive host logic), and the block they run with
 EXECUTE = {"lattice_coords_kernel": ("BLOCK", "P", 4096)}
 # int arguments whose value depends on the data, not only on the shapes: compiled with both divisibilities
@@ -134,20 +133,12 @@ class Recorder:
 
 
 def _test_image(h: int, w: int, seed: int):
-    """Smooth colour waves, flat discs, mild noise: a lattice as large as a photograph's. [3, h, w] float 0..255."""
-    import numpy as np
+    """A synthetic photograph (a lattice as large as a real image's) as [3, h, w] float32 0..255."""
     import torch
 
-    r = np.random.RandomState(seed)
-    yy, xx = np.mgrid[:h, :w] / max(h, w)
-    img = np.zeros((h, w, 3))
-    for c in range(3):
-        img[..., c] = 128 + 60 * np.sin(2 * np.pi * (xx * r.uniform(0.5, 2) + yy * r.uniform(0.5, 2)) + r.uniform(0, 6))
-    for _ in range(4):
-        cy, cx, rad = r.uniform(0.2, 0.8), r.uniform(0.2, 0.8), r.uniform(0.08, 0.2)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < rad**2] = r.uniform(0, 255, 3)
-    img = np.clip(img + r.randn(h, w, 3) * 3, 0, 255).round()
-    return torch.from_numpy(img).permute(2, 0, 1).float()
+    from fastwsss.kernels.testing import natural_image
+
+    return torch.from_numpy(natural_image(h, w, seed)).permute(2, 0, 1).float()
 
 
 def run_cases(rec: Recorder, quick: bool) -> None:
@@ -160,12 +151,19 @@ def run_cases(rec: Recorder, quick: bool) -> None:
 
     from fastwsss.data.transforms import random_key_masks
     from fastwsss.inference.crf import CRFParams, dense_crf_torch
-    from fastwsss.kernels import PermutohedralLattice, masked_key_attention, par, token_affinity_loss
+    from fastwsss.kernels import (
+        PermutohedralLattice,
+        bilateral_features,
+        masked_key_attention,
+        par,
+        token_affinity_loss,
+    )
+    from fastwsss.kernels._backend import TRITON_DTYPES
     from fastwsss.kernels.attention import MaskedKeyAttention, masked_self_attention, packed_self_attention
-    from fastwsss.methods.losses import bilateral_features, reg_loss
+    from fastwsss.methods.losses import reg_loss
     from fastwsss.pseudo import refine_seg_label
 
-    dtypes = [getattr(torch, d) for d in DTYPES]
+    dtypes = TRITON_DTYPES
     g = torch.Generator().manual_seed(0)
 
     # attention: MCC's local views, ViT-B/16 at 448 (N = 785), 8 masks per image, batch 4

@@ -20,8 +20,7 @@ if not torch.cuda.is_available():
 
 import pytest
 
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
+from fastwsss.kernels.testing import GPU
 
 
 def _commit() -> str:

@@ -30,7 +30,7 @@ from .affinity.api import triton_reasons as affinity_reasons
 from .attention.api import masked_key_attention_reasons, varlen_attention_reasons
 from .lattice.api import triton_reasons as lattice_reasons
 from .par.api import triton_reasons as par_reasons
-from .testing import error
+from .testing import DEVICE, error
 
 
 @dataclass
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="real shapes under the interpreter too (minutes)")
     ap.add_argument("--json", help="also write the report to this file")
     args = ap.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else DEVICE
     env = environment(device)
     print("fastwsss.kernels self-check")
     print("  " + ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "triton", "fastwsss", "cuda")))

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+# the input dtypes every Triton path takes (the affinity, PAR and lattice kernels compute in fp32 whatever they read)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NAN_FILL = False  # tests set this: every buffer a kernel must write starts as NaN, so an unwritten element cannot pass
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None

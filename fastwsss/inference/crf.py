@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..kernels import PermutohedralLattice
+from ..kernels import PermutohedralLattice, bilateral_features, position_features
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -79,20 +79,6 @@ def dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams
     return np.array(crf.inference(params.iterations), dtype=np.float32).reshape(C, H, W)
 
 
-def crf_features(images: torch.Tensor, params: CRFParams = CRFParams()) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8-valued images [B, 3, H, W] -> (Gaussian [B, 2, H, W], bilateral [B, 5, H, W]) features, float32
-    divisions in densecrf's order (``DenseCRF2D::addPairwiseGaussian`` / ``addPairwiseBilateral``)."""
-    B, _, H, W = images.shape
-    dev = images.device
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=dev),
-                            torch.arange(W, dtype=torch.float32, device=dev), indexing="ij")
-    xy = torch.stack([xs, ys]).expand(B, 2, H, W)
-    gauss = xy / torch.tensor(params.gauss_sxy, dtype=torch.float32)
-    bi_xy = xy / torch.tensor(params.bi_sxy, dtype=torch.float32)
-    rgb = images.to(torch.float32) / torch.tensor(params.bi_srgb, dtype=torch.float32)
-    return gauss, torch.cat([bi_xy, rgb], dim=1)
-
-
 @torch.no_grad()
 def dense_crf_torch(images: torch.Tensor, probs: torch.Tensor, params: CRFParams = CRFParams(),
                     backend: str = "auto") -> torch.Tensor:
@@ -109,7 +95,8 @@ def dense_crf_torch(images: torch.Tensor, probs: torch.Tensor, params: CRFParams
         raise ValueError(f"probs are on {probs.device}, images on {images.device}")
     B, _, H, W = probs.shape
     unary = -probs.to(torch.float32).clamp(params.clip, 1.0).log()
-    gauss, bilateral = crf_features(images, params)
+    gauss = position_features(B, H, W, params.gauss_sxy, images.device)  # densecrf's two kernels' features
+    bilateral = bilateral_features(images, params.bi_srgb, params.bi_sxy)
     kernels = []
     for feats, compat in ((gauss, params.gauss_compat), (bilateral, params.bi_compat)):
         lat = PermutohedralLattice(feats, backend=backend)

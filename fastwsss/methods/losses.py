@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX
-from ..kernels import PermutohedralLattice
+from ..kernels import PermutohedralLattice, bilateral_features
 from ..pseudo import box_mask
 
 
@@ -45,16 +45,6 @@ def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNO
         else:
             halves.append(logits.sum() * 0.0)  # keeps the graph, contributes nothing
     return 0.5 * (halves[0] + halves[1])
-
-
-def bilateral_features(images: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> torch.Tensor:
-    """Images [B, 3, H, W] in 0..255 -> lattice features [B, 5, H, W] = (x/σ_xy, y/σ_xy, r/σ_rgb, g/σ_rgb, b/σ_rgb),
-    x the column: densecrf's order (the lattice is not symmetric in its feature order)."""
-    B, _, H, W = images.shape
-    ys, xs = torch.meshgrid(torch.arange(H, device=images.device, dtype=torch.float32),
-                            torch.arange(W, device=images.device, dtype=torch.float32), indexing="ij")
-    pos = torch.stack([xs, ys]).expand(B, 2, H, W) / sigma_xy
-    return torch.cat([pos, images.float() / sigma_rgb], dim=1)
 
 
 class _GatedCRFLoss(torch.autograd.Function):

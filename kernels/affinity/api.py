@@ -11,10 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import device_reasons, resolve_backend
+from .._backend import TRITON_DTYPES, device_reasons, resolve_backend
 from .reference import token_affinity_loss_reference
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @torch.library.custom_op("fastwsss::token_affinity_sums", mutates_args=())
@@ -63,7 +61,7 @@ token_affinity_sums.register_autograd(_backward, setup_context=_setup_context)
 def triton_reasons(feats: Tensor, labels: Tensor) -> list[str]:
     """Why the Triton path cannot take these inputs ([] = it can)."""
     reasons = device_reasons(feats, labels)
-    if feats.dtype not in _TRITON_DTYPES:
+    if feats.dtype not in TRITON_DTYPES:
         reasons.append(f"feats dtype {feats.dtype} (the kernels compute in float32; the reference runs {feats.dtype})")
     if feats.numel() == 0:
         reasons.append(f"empty feats {tuple(feats.shape)}")

@@ -75,6 +75,24 @@ def _load(ptrs, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, rows, stride, offs_d, mask, UPCAST: tl.constexpr):
+    """[rows, BLOCK_D] tile of a tensor whose rows are `stride` apart from `base` (unit stride along the head dim)."""
+    return _load(base + rows[:, None] * stride + offs_d[None, :], mask, UPCAST)
+
+
+@triton.jit
+def _load_pair(A, B, rows, stride_a, stride_b, offs_d, mask, UPCAST: tl.constexpr):
+    """The same rows of two tensors (k and v, or q and dO)."""
+    return _load_rows(A, rows, stride_a, offs_d, mask, UPCAST), _load_rows(B, rows, stride_b, offs_d, mask, UPCAST)
+
+
+@triton.jit
+def _load_lse_delta(lse_ptrs, delta_ptrs, ok):
+    """lse2 and δ of query rows; masked rows get lse2 = +inf (so P = exp2(s − lse2) = 0) and δ = 0."""
+    return tl.load(lse_ptrs, mask=ok, other=float("inf")), tl.load(delta_ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
 def _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
     """Fold one key block into the running (max, sum, acc) of each query row; ok: pairs that may attend."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -105,7 +123,32 @@ def _score_grads(q, k, v, do, lse, delta, ok, qk_scale, DOT_PRECISION: tl.conste
     return p, p * (dp - delta[:, None])
 
 
+@triton.jit
+def _dkdv_step(q, k, v, do, lse, delta, ok, dk, dv, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Add one query block's contribution to a key block's dK (w.r.t. the scaled scores) and dV."""
+    p, ds = _score_grads(q, k, v, do, lse, delta, ok, qk_scale, DOT_PRECISION)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dq_step(q, k, v, do, lse, delta, ok, dq, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Add one key block's contribution to a query block's dQ (w.r.t. the scaled scores)."""
+    _, ds = _score_grads(q, k, v, do, lse, delta, ok, qk_scale, DOT_PRECISION)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
 # ---- many masks over shared q, k, v: q, k, v [B, H, N, D], key_idx [B, M, N], counts [B, M]
+
+
+@triton.jit
+def _visible_keys(IDX_ROW, start, count, BLOCK: tl.constexpr):
+    """Entries start .. start + BLOCK − 1 of one mask's key list IDX_ROW (visible keys first): their positions, which
+    of them are visible (< count), and the key indices (int64; 0 where not visible)."""
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < count
+    return offs, ok, tl.load(IDX_ROW + offs, mask=ok, other=0).to(tl.int64)
 
 
 @triton.jit
@@ -127,8 +170,7 @@ def masked_key_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_ok = offs_q < N
     d_ok = offs_d < D
-    q = _load(Q + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qn + offs_d[None, :],
-              q_ok[:, None] & d_ok[None, :], UPCAST)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_q, stride_qn, offs_d, q_ok[:, None] & d_ok[None, :], UPCAST)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     count = tl.load(COUNTS + bm)
@@ -136,12 +178,8 @@ def masked_key_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for start in range(0, count, BLOCK_K):  # visible keys only: the first `count` entries of the index list
-        offs_k = start + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < count
-        kid = tl.load(KEY_IDX + bm * N + offs_k, mask=k_ok, other=0).to(tl.int64)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = _load(k_base + kid[:, None] * stride_kn + offs_d[None, :], kv_mask, UPCAST)
-        v = _load(v_base + kid[:, None] * stride_vn + offs_d[None, :], kv_mask, UPCAST)
+        _, k_ok, kid = _visible_keys(KEY_IDX + bm * N, start, count, BLOCK_K)
+        k, v = _load_pair(k_base, v_base, kid, stride_kn, stride_vn, offs_d, k_ok[:, None] & d_ok[None, :], UPCAST)
         m_i, l_i, acc = _online_softmax_step(q, k, v, k_ok[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
     out, lse = _finish(m_i, l_i, acc)
     tl.store(OUT + b * stride_ob + m * stride_om + h * stride_oh + offs_q[:, None] * stride_on + offs_d[None, :],
@@ -169,14 +207,13 @@ def masked_key_attention_bwd_dkdv_kernel(
     count = tl.load(COUNTS + bm)
     start = tl.program_id(1) * BLOCK_K
     if start < count:
-        offs_k = start + tl.arange(0, BLOCK_K)
         offs_d = tl.arange(0, BLOCK_D)
-        k_ok = offs_k < count
         d_ok = offs_d < D
-        kid = tl.load(KEY_IDX + bm * N + offs_k, mask=k_ok, other=0).to(tl.int64)
+        offs_k, k_ok, kid = _visible_keys(KEY_IDX + bm * N, start, count, BLOCK_K)
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = _load(K + b * stride_kb + h * stride_kh + kid[:, None] * stride_kn + offs_d[None, :], kv_mask, UPCAST)
-        v = _load(V + b * stride_vb + h * stride_vh + kid[:, None] * stride_vn + offs_d[None, :], kv_mask, UPCAST)
+        # two loads, not `_load_pair`: with it ptxas gives the half-precision specializations one more register
+        k = _load_rows(K + b * stride_kb + h * stride_kh, kid, stride_kn, offs_d, kv_mask, UPCAST)
+        v = _load_rows(V + b * stride_vb + h * stride_vh, kid, stride_vn, offs_d, kv_mask, UPCAST)
         dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         q_base = Q + b * stride_qb + h * stride_qh
@@ -184,14 +221,11 @@ def masked_key_attention_bwd_dkdv_kernel(
         for q_start in range(0, N, BLOCK_Q):
             offs_q = q_start + tl.arange(0, BLOCK_Q).to(tl.int64)
             q_ok = offs_q < N
-            q_mask = q_ok[:, None] & d_ok[None, :]
-            q = _load(q_base + offs_q[:, None] * stride_qn + offs_d[None, :], q_mask, UPCAST)
-            do = _load(do_base + offs_q[:, None] * stride_don + offs_d[None, :], q_mask, UPCAST)
-            lse = tl.load(LSE + pid * N + offs_q, mask=q_ok, other=float("inf"))
-            delta = tl.load(DELTA + pid * N + offs_q, mask=q_ok, other=0.0)
-            p, ds = _score_grads(q, k, v, do, lse, delta, q_ok[:, None] & k_ok[None, :], qk_scale, DOT_PRECISION)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            q, do = _load_pair(q_base, do_base, offs_q, stride_qn, stride_don, offs_d, q_ok[:, None] & d_ok[None, :],
+                               UPCAST)
+            lse, delta = _load_lse_delta(LSE + pid * N + offs_q, DELTA + pid * N + offs_q, q_ok)
+            dk, dv = _dkdv_step(q, k, v, do, lse, delta, q_ok[:, None] & k_ok[None, :], dk, dv, qk_scale,
+                                DOT_PRECISION)
         part = (pid * N + offs_k)[:, None] * D + offs_d[None, :]
         tl.store(DK_PART + part, dk * scale, mask=kv_mask)
         tl.store(DV_PART + part, dv, mask=kv_mask)
@@ -216,7 +250,7 @@ def masked_key_attention_bwd_kernel(
     q_ok = offs_q < N
     d_ok = offs_d < D
     q_mask = q_ok[:, None] & d_ok[None, :]
-    q = _load(Q + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qn + offs_d[None, :], q_mask, UPCAST)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_q, stride_qn, offs_d, q_mask, UPCAST)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
@@ -224,19 +258,13 @@ def masked_key_attention_bwd_kernel(
         bm = b * M + m
         row = (bm * H + h) * N
         count = tl.load(COUNTS + bm)
-        lse = tl.load(LSE + row + offs_q, mask=q_ok, other=float("inf"))
-        delta = tl.load(DELTA + row + offs_q, mask=q_ok, other=0.0)
-        do = _load(DO + b * stride_dob + m * stride_dom + h * stride_doh + offs_q[:, None] * stride_don
-                     + offs_d[None, :], q_mask, UPCAST)
+        lse, delta = _load_lse_delta(LSE + row + offs_q, DELTA + row + offs_q, q_ok)
+        do = _load_rows(DO + b * stride_dob + m * stride_dom + h * stride_doh, offs_q, stride_don, offs_d, q_mask,
+                        UPCAST)
         for start in range(0, count, BLOCK_K):
-            offs_k = start + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < count
-            kid = tl.load(KEY_IDX + bm * N + offs_k, mask=k_ok, other=0).to(tl.int64)
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-            k = _load(k_base + kid[:, None] * stride_kn + offs_d[None, :], kv_mask, UPCAST)
-            v = _load(v_base + kid[:, None] * stride_vn + offs_d[None, :], kv_mask, UPCAST)
-            _, ds = _score_grads(q, k, v, do, lse, delta, q_ok[:, None] & k_ok[None, :], qk_scale, DOT_PRECISION)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            _, k_ok, kid = _visible_keys(KEY_IDX + bm * N, start, count, BLOCK_K)
+            k, v = _load_pair(k_base, v_base, kid, stride_kn, stride_vn, offs_d, k_ok[:, None] & d_ok[None, :], UPCAST)
+            dq = _dq_step(q, k, v, do, lse, delta, q_ok[:, None] & k_ok[None, :], dq, qk_scale, DOT_PRECISION)
     out_rows = (pid * N + offs_q)[:, None] * D + offs_d[None, :]  # DQ, DK, DV: contiguous [B, H, N, D]
     tl.store(DQ + out_rows, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
     dk = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
@@ -316,6 +344,24 @@ def _tile_span(SEG, CU, first_row, T, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _packed_rows(SEG, start, end, BLOCK: tl.constexpr, OTHER: tl.constexpr):
+    """Packed rows start .. start + BLOCK − 1 (int64), which are < end, and their sequences (OTHER where not: −1 for
+    query rows, −2 for key rows, so that padding never pairs)."""
+    offs = (start + tl.arange(0, BLOCK)).to(tl.int64)
+    ok = offs < end
+    return offs, ok, tl.load(SEG + offs, mask=ok, other=OTHER)
+
+
+@triton.jit
+def _packed_tile(SEG, T, BLOCK: tl.constexpr, OTHER: tl.constexpr):
+    """This program's rows: tile program_id(0) of BLOCK packed rows, head program_id(1) -> first row, head, and the
+    rows, which exist and their sequences as `_packed_rows`."""
+    first_row = tl.program_id(0).to(tl.int64) * BLOCK
+    offs, ok, seg = _packed_rows(SEG, first_row, T, BLOCK, OTHER)
+    return first_row, tl.program_id(1).to(tl.int64), offs, ok, seg
+
+
+@triton.jit
 def varlen_attention_fwd_kernel(
     Q, K, V, SEG, CU, OUT, LSE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -325,6 +371,7 @@ def varlen_attention_fwd_kernel(
 ):
     """Program (row tile, h): a tile of consecutive packed rows (possibly several short sequences) against the
     keys of the sequences it touches, pairs of different sequences masked out."""
+    # the tile written out, not `_packed_tile`: with it ptxas gives one fp32 sm_90 specialization 4 more registers
     first_row = tl.program_id(0).to(tl.int64) * BLOCK_Q
     h = tl.program_id(1).to(tl.int64)
     offs_q = first_row + tl.arange(0, BLOCK_Q)
@@ -332,19 +379,15 @@ def varlen_attention_fwd_kernel(
     q_ok = offs_q < T
     d_ok = offs_d < D
     seg_q = tl.load(SEG + offs_q, mask=q_ok, other=-1)
-    q = _load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], q_ok[:, None] & d_ok[None, :],
-              UPCAST)
+    q = _load_rows(Q + h * stride_qh, offs_q, stride_qt, offs_d, q_ok[:, None] & d_ok[None, :], UPCAST)
     lo, hi = _tile_span(SEG, CU, first_row, T, BLOCK_Q)
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_K):
-        offs_k = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_ok = offs_k < hi
-        seg_k = tl.load(SEG + offs_k, mask=k_ok, other=-2)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = _load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], kv_mask, UPCAST)
-        v = _load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], kv_mask, UPCAST)
+        offs_k, k_ok, seg_k = _packed_rows(SEG, start, hi, BLOCK_K, -2)
+        k, v = _load_pair(K + h * stride_kh, V + h * stride_vh, offs_k, stride_kt, stride_vt, offs_d,
+                          k_ok[:, None] & d_ok[None, :], UPCAST)
         ok = seg_q[:, None] == seg_k[None, :]
         m_i, l_i, acc = _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     out, lse = _finish(m_i, l_i, acc)
@@ -363,31 +406,21 @@ def varlen_attention_bwd_dkdv_kernel(
 ):
     """Program (key tile, h): dK, dV of a tile of packed keys, summed over the queries of their sequences.
     Every key belongs to one tile: written once, no atomics."""
-    first_row = tl.program_id(0).to(tl.int64) * BLOCK_K
-    h = tl.program_id(1).to(tl.int64)
-    offs_k = first_row + tl.arange(0, BLOCK_K)
+    first_row, h, offs_k, k_ok, seg_k = _packed_tile(SEG, T, BLOCK_K, -2)
     offs_d = tl.arange(0, BLOCK_D)
-    k_ok = offs_k < T
     d_ok = offs_d < D
     kv_mask = k_ok[:, None] & d_ok[None, :]
-    seg_k = tl.load(SEG + offs_k, mask=k_ok, other=-2)
-    k = _load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], kv_mask, UPCAST)
-    v = _load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], kv_mask, UPCAST)
+    k, v = _load_pair(K + h * stride_kh, V + h * stride_vh, offs_k, stride_kt, stride_vt, offs_d, kv_mask, UPCAST)
     lo, hi = _tile_span(SEG, CU, first_row, T, BLOCK_K)
     dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_Q):
-        offs_q = (start + tl.arange(0, BLOCK_Q)).to(tl.int64)
-        q_ok = offs_q < hi
-        q_mask = q_ok[:, None] & d_ok[None, :]
-        seg_q = tl.load(SEG + offs_q, mask=q_ok, other=-1)
-        q = _load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], q_mask, UPCAST)
-        do = _load(DO + offs_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :], q_mask, UPCAST)
-        lse = tl.load(LSE + offs_q * H + h, mask=q_ok, other=float("inf"))
-        delta = tl.load(DELTA + offs_q * H + h, mask=q_ok, other=0.0)
-        p, ds = _score_grads(q, k, v, do, lse, delta, seg_q[:, None] == seg_k[None, :], qk_scale, DOT_PRECISION)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        offs_q, q_ok, seg_q = _packed_rows(SEG, start, hi, BLOCK_Q, -1)
+        q, do = _load_pair(Q + h * stride_qh, DO + h * stride_doh, offs_q, stride_qt, stride_dot, offs_d,
+                           q_ok[:, None] & d_ok[None, :], UPCAST)
+        lse, delta = _load_lse_delta(LSE + offs_q * H + h, DELTA + offs_q * H + h, q_ok)
+        dk, dv = _dkdv_step(q, k, v, do, lse, delta, seg_q[:, None] == seg_k[None, :], dk, dv, qk_scale,
+                            DOT_PRECISION)
     rows = (offs_k * H + h)[:, None] * D + offs_d[None, :]  # DK, DV: contiguous [T, H, D]
     tl.store(DK + rows, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -402,29 +435,19 @@ def varlen_attention_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (row tile, h): dQ of a tile of packed rows, summed over the keys of their sequences."""
-    first_row = tl.program_id(0).to(tl.int64) * BLOCK_Q
-    h = tl.program_id(1).to(tl.int64)
-    offs_q = first_row + tl.arange(0, BLOCK_Q)
+    first_row, h, offs_q, q_ok, seg_q = _packed_tile(SEG, T, BLOCK_Q, -1)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ok = offs_q < T
     d_ok = offs_d < D
     q_mask = q_ok[:, None] & d_ok[None, :]
-    seg_q = tl.load(SEG + offs_q, mask=q_ok, other=-1)
-    q = _load(Q + offs_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], q_mask, UPCAST)
-    do = _load(DO + offs_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :], q_mask, UPCAST)
-    lse = tl.load(LSE + offs_q * H + h, mask=q_ok, other=float("inf"))
-    delta = tl.load(DELTA + offs_q * H + h, mask=q_ok, other=0.0)
+    q, do = _load_pair(Q + h * stride_qh, DO + h * stride_doh, offs_q, stride_qt, stride_dot, offs_d, q_mask, UPCAST)
+    lse, delta = _load_lse_delta(LSE + offs_q * H + h, DELTA + offs_q * H + h, q_ok)
     lo, hi = _tile_span(SEG, CU, first_row, T, BLOCK_Q)
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_K):
-        offs_k = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_ok = offs_k < hi
-        seg_k = tl.load(SEG + offs_k, mask=k_ok, other=-2)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = _load(K + offs_k[:, None] * stride_kt + h * stride_kh + offs_d[None, :], kv_mask, UPCAST)
-        v = _load(V + offs_k[:, None] * stride_vt + h * stride_vh + offs_d[None, :], kv_mask, UPCAST)
-        _, ds = _score_grads(q, k, v, do, lse, delta, seg_q[:, None] == seg_k[None, :], qk_scale, DOT_PRECISION)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        offs_k, k_ok, seg_k = _packed_rows(SEG, start, hi, BLOCK_K, -2)
+        k, v = _load_pair(K + h * stride_kh, V + h * stride_vh, offs_k, stride_kt, stride_vt, offs_d,
+                          k_ok[:, None] & d_ok[None, :], UPCAST)
+        dq = _dq_step(q, k, v, do, lse, delta, seg_q[:, None] == seg_k[None, :], dq, qk_scale, DOT_PRECISION)
     rows = (offs_q * H + h)[:, None] * D + offs_d[None, :]
     tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 

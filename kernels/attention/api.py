@@ -1,28 +1,29 @@
 """Public masked-key and packed (varlen) attention: validate, pick the backend, run.
 
 The Triton path is a pair of ``torch.library`` custom ops per function (forward, backward) with fake kernels and
-registered autograd, so it composes with ``torch.compile`` and autograd. triton itself is imported on first use.
+registered autograd, so it composes with ``torch.compile`` and autograd; both functions' pairs are made by one
+factory (``_attention_ops``). triton itself is imported on first use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
 
 import torch
 from torch import Tensor
 
-from .._backend import device_reasons, resolve_backend
+from .._backend import TRITON_DTYPES, device_reasons, resolve_backend
 from .reference import masked_key_attention_ref, varlen_attention_ref
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
 
 def _kernel_reasons(q: Tensor, *others: Tensor) -> list[str]:
     """Why the Triton kernels cannot take these inputs ([] = they can)."""
     reasons = device_reasons(q, *others)
-    if q.dtype not in DTYPES:
-        reasons.append(f"dtype {q.dtype} (the kernels take {', '.join(str(d) for d in DTYPES)})")
+    if q.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {q.dtype} (the kernels take {', '.join(str(d) for d in TRITON_DTYPES)})")
     if q.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
     return reasons
@@ -43,6 +44,53 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str) -> list[st
     return errors
 
 
+def _validated_scale(op: str, errors: list[str], q: Tensor, scale: float | None) -> float:
+    """Raise with every input error at once; else the softmax scale (D^-½ unless given)."""
+    if errors:
+        raise ValueError(f"{op}: " + "; ".join(errors))
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _attention_ops(name: str, index: str, bounds: str, fake_fwd: Callable[..., tuple[Tensor, Tensor]]
+                   ) -> torch.library.CustomOpDef:
+    """The custom ops ``fastwsss::<name>_fwd`` / ``_bwd`` of one layout and the autograd that links them: both layouts
+    take (q, k, v, two int32 index tensors, scale) -- masked: key_idx, counts; packed: seg, cu_seqlens, the names
+    their schemas carry -- and run ``_triton.<name>_fwd`` / ``_bwd``. The forward returns (out, lse2); the backward
+    dq, dk, dv shaped like q. Returns the forward op."""
+    rest = f"Tensor {index}, Tensor {bounds}, float scale"
+
+    @torch.library.custom_op(f"fastwsss::{name}_fwd", mutates_args=(),
+                             schema=f"(Tensor q, Tensor k, Tensor v, {rest}) -> (Tensor, Tensor)")
+    def fwd(q, k, v, idx, bnd, scale):
+        from . import _triton
+
+        return getattr(_triton, f"{name}_fwd")(q, k, v, idx, bnd, scale)
+
+    @torch.library.custom_op(f"fastwsss::{name}_bwd", mutates_args=(), schema=f"(Tensor dout, Tensor q, Tensor k, "
+                             f"Tensor v, Tensor out, Tensor lse, {rest}) -> (Tensor, Tensor, Tensor)")
+    def bwd(dout, q, k, v, out, lse, idx, bnd, scale):
+        from . import _triton
+
+        return getattr(_triton, f"{name}_bwd")(dout, q, k, v, out, lse, idx, bnd, scale)
+
+    @bwd.register_fake
+    def _(dout, q, *_):
+        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, idx, bnd, scale = inputs
+        ctx.save_for_backward(q, k, v, *output, idx, bnd)
+        ctx.scale = scale
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, idx, bnd = ctx.saved_tensors
+        return (*bwd(dout, q, k, v, out, lse, idx, bnd, ctx.scale), None, None, None)
+
+    fwd.register_fake(fake_fwd)
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd
+
+
 # ---- many key masks over shared q, k, v
 
 
@@ -59,46 +107,12 @@ def _empty_masked_out(q: Tensor, num_masks: int) -> Tensor:
     return q.new_empty(B, num_masks, N, H, D).permute(0, 1, 3, 2, 4)
 
 
-@torch.library.custom_op("fastwsss::masked_key_attention_fwd", mutates_args=())
-def _masked_fwd(q: Tensor, k: Tensor, v: Tensor, key_idx: Tensor, counts: Tensor, scale: float
-                ) -> tuple[Tensor, Tensor]:
-    from ._triton import masked_key_attention_fwd
-
-    return masked_key_attention_fwd(q, k, v, key_idx, counts, scale)
-
-
-@_masked_fwd.register_fake
-def _(q, k, v, key_idx, counts, scale):
+def _masked_fake(q, k, v, key_idx, counts, scale):
     B, H, N, _ = q.shape
     return _empty_masked_out(q, key_idx.shape[1]), q.new_empty(B, key_idx.shape[1], H, N, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastwsss::masked_key_attention_bwd", mutates_args=())
-def _masked_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_idx: Tensor,
-                counts: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    from ._triton import masked_key_attention_bwd
-
-    return masked_key_attention_bwd(dout, q, k, v, out, lse, key_idx, counts, scale)
-
-
-@_masked_bwd.register_fake
-def _(dout, q, k, v, out, lse, key_idx, counts, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
-
-
-def _masked_setup(ctx, inputs, output):
-    q, k, v, key_idx, counts, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, key_idx, counts)
-    ctx.scale = scale
-
-
-def _masked_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, key_idx, counts = ctx.saved_tensors
-    dq, dk, dv = _masked_bwd(dout, q, k, v, out, lse, key_idx, counts, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-_masked_fwd.register_autograd(_masked_backward, setup_context=_masked_setup)
+_masked_fwd = _attention_ops("masked_key_attention", "key_idx", "counts", _masked_fake)
 
 
 def masked_key_attention_reasons(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None = None) -> list[str]:
@@ -122,9 +136,7 @@ def masked_key_attention(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor, scal
     if key_keep.ndim != 3 or (q.ndim == 4 and (key_keep.shape[0] != q.shape[0] or key_keep.shape[2] != q.shape[2])):
         expect = f"[{q.shape[0]}, M, {q.shape[2]}]" if q.ndim == 4 else "[B, M, N]"
         errors.append(f"key_keep must be [B, M, N] = {expect}, got shape {tuple(key_keep.shape)}")
-    if errors:
-        raise ValueError(f"{op}: " + "; ".join(errors))
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _validated_scale(op, errors, q, scale)
     if resolve_backend(backend, op, masked_key_attention_reasons(q, k, v, key_keep)) == "torch":
         return masked_key_attention_ref(q, k, v, key_keep, scale)
     key_idx, counts = compact_keys(key_keep)
@@ -141,45 +153,11 @@ def segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
     return torch.repeat_interleave(seqs, lengths, output_size=total)
 
 
-@torch.library.custom_op("fastwsss::varlen_attention_fwd", mutates_args=())
-def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, seg: Tensor, cu_seqlens: Tensor, scale: float
-                ) -> tuple[Tensor, Tensor]:
-    from ._triton import varlen_attention_fwd
-
-    return varlen_attention_fwd(q, k, v, seg, cu_seqlens, scale)
-
-
-@_varlen_fwd.register_fake
-def _(q, k, v, seg, cu_seqlens, scale):
+def _varlen_fake(q, k, v, seg, cu_seqlens, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastwsss::varlen_attention_bwd", mutates_args=())
-def _varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seg: Tensor,
-                cu_seqlens: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    from ._triton import varlen_attention_bwd
-
-    return varlen_attention_bwd(dout, q, k, v, out, lse, seg, cu_seqlens, scale)
-
-
-@_varlen_bwd.register_fake
-def _(dout, q, k, v, out, lse, seg, cu_seqlens, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
-
-
-def _varlen_setup(ctx, inputs, output):
-    q, k, v, seg, cu_seqlens, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, seg, cu_seqlens)
-    ctx.scale = scale
-
-
-def _varlen_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, seg, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd(dout, q, k, v, out, lse, seg, cu_seqlens, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+_varlen_fwd = _attention_ops("varlen_attention", "seg", "cu_seqlens", _varlen_fake)
 
 
 def varlen_attention_reasons(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> list[str]:
@@ -207,9 +185,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale:
         cu = cu_seqlens.tolist()
         if cu[0] != 0 or cu[-1] != q.shape[0] or any(a > b for a, b in pairwise(cu)):
             errors.append(f"cu_seqlens must rise from 0 to T = {q.shape[0]}, got {cu if len(cu) <= 12 else '...'}")
-    if errors:
-        raise ValueError(f"{op}: " + "; ".join(errors))
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _validated_scale(op, errors, q, scale)
     if resolve_backend(backend, op, varlen_attention_reasons(q, k, v, cu_seqlens)) == "torch":
         return varlen_attention_ref(q, k, v, cu_seqlens, scale)
     seg = segment_ids(cu_seqlens, q.shape[0])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import device_reasons, resolve_backend
+from .._backend import TRITON_DTYPES, device_reasons, resolve_backend
 from .reference import PermutohedralLattice as ReferenceLattice
 from .reference import check_values
 
 __all__ = ["PermutohedralLattice", "permutohedral_filter"]
 
 _MAX_FEATURES = 14  # = _triton.MAX_FEATURES (not imported: importing _triton imports triton)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _feature_count_reasons(features: torch.Tensor) -> list[str]:
@@ -30,7 +29,7 @@ def triton_reasons(features: torch.Tensor, values: torch.Tensor) -> list[str]:
 
 
 def _value_reasons(values: torch.Tensor) -> list[str]:
-    if values.dtype in _TRITON_DTYPES:
+    if values.dtype in TRITON_DTYPES:
         return []
     return [f"values are {values.dtype} (the Triton lattice filters float16, bfloat16 and float32 in float32)"]
 

@@ -7,10 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._backend import device_reasons, resolve_backend
+from .._backend import TRITON_DTYPES, device_reasons, resolve_backend
 from .reference import DEFAULT_DILATIONS, _resize, par_affinity_reference, par_propagate_reference, par_reference
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @torch.library.custom_op("fastwsss::par_affinity", mutates_args=())
@@ -45,7 +43,7 @@ def triton_reasons(*tensors: Tensor) -> list[str]:
     under no_grad, and where a gradient is wanted the reference (differentiable) runs instead."""
     reasons = device_reasons(*tensors)
     for t in tensors:
-        if t.dtype not in _TRITON_DTYPES:
+        if t.dtype not in TRITON_DTYPES:
             reasons.append(f"dtype {t.dtype} (the kernels compute in float32; the reference runs {t.dtype})")
         if t.numel() == 0:
             reasons.append(f"empty input {tuple(t.shape)}")

@@ -8,8 +8,9 @@ import torch
 
 from fastwsss.kernels import _backend
 from fastwsss.kernels.affinity import token_affinity_loss
+from fastwsss.kernels.testing import DEVICE, assert_close
 
-from parity import DEVICE, check, nan_filled
+from parity import nan_filled
 
 # x̂ = (1, 0), (-0.6, 0.8), (0, 1): cosines c12 = -0.6, c13 = 0, c23 = 0.8
 HAND = torch.tensor([[[2.0, 0.0], [-3.0, 4.0], [0.0, 5.0]]])
@@ -169,13 +170,13 @@ def parity(feats, labels, absolute=True, grad=True):
     out = token_affinity_loss(f1, labels, absolute=absolute, backend="triton")
     ref = token_affinity_loss(f2, labels, absolute=absolute, backend="torch")
     assert out.dtype == ref.dtype == feats.dtype and out.shape == ()
-    check(out, ref, rtol, atol, "loss")
+    assert_close(out, ref, what="loss", rtol=rtol, atol=atol, scale="one")
     if grad:
         out.backward()
         ref.backward()
         assert f1.grad.dtype == feats.dtype
         scale = f2.grad.abs().max().item()  # gradients are ~w·√N small: tolerance relative to their size
-        check(f1.grad, f2.grad, rtol, rtol * scale + 1e-30, "grad")
+        assert_close(f1.grad, f2.grad, what="grad", rtol=rtol, atol=rtol * scale + 1e-30, scale="one")
 
 
 CASES = [  # (B, N, D, shared, absolute); the larger sizes run one sign mode only (interpreter time)
@@ -278,5 +279,5 @@ def test_triton_under_torch_compile(kernels):
     out.backward()
     ref = token_affinity_loss(f2, labels, backend="torch")
     ref.backward()
-    check(out, ref, 1e-5, 1e-6, "loss")
-    check(f1.grad, f2.grad, 1e-5, 1e-5 * f2.grad.abs().max().item(), "grad")
+    assert_close(out, ref, what="loss", rtol=1e-5, atol=1e-6, scale="one")
+    assert_close(f1.grad, f2.grad, what="grad", rtol=1e-5, atol=1e-5 * f2.grad.abs().max().item(), scale="one")

@@ -4,10 +4,12 @@ forward and backward, edge cases, dispatch, and the timm drop-in layer on a timm
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import pytest
 import torch
 
+from fastwsss.kernels import testing
 from fastwsss.kernels.attention import (
     MaskedKeyAttention,
     masked_key_attention,
@@ -17,17 +19,21 @@ from fastwsss.kernels.attention import (
     varlen_attention_ref,
 )
 from fastwsss.kernels.attention.api import compact_keys
+from fastwsss.kernels.testing import DEVICE
 
-from parity import DEVICE, nan_filled
+from parity import nan_filled
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# (out, grads) tolerance against the fp32 reference on the same inputs, relative to |ref| + rms(ref) (see
-# assert_close). fp32: IEEE dots, only the summation order differs (online softmax; grads summed over masks and
-# query blocks); seen <= 3.2e-5 on grads at N = 197, the margin is for N = 785 x 8 masks. fp16: P and dS are rounded
-# to fp16 before their dots (as in every flash kernel) and the results once more: seen 4e-4 (out), 5e-3 (grads:
-# a 1-ulp rounding of dV summed over 197 queries). bf16 has 3 fewer mantissa bits: 8x the fp16 numbers.
+# (out, grads) tolerance against the fp32 reference on the same inputs: |out − ref| <= tol·(|ref| + max(rms(ref),
+# 0.1)), relative with an absolute floor at the tensor's own scale, so sums that cancel are judged against the size
+# of their terms; floor 0.1: a mask with one visible key has dQ = 0 exactly, the kernel gets dP − δ = rounding
+# (~1e-6). fp32: IEEE dots, only the summation order differs (online softmax; grads summed over masks and query
+# blocks); seen <= 3.2e-5 on grads at N = 197, the margin is for N = 785 x 8 masks. fp16: P and dS are rounded to
+# fp16 before their dots (as in every flash kernel) and the results once more: seen 4e-4 (out), 5e-3 (grads: a
+# 1-ulp rounding of dV summed over 197 queries). bf16 has 3 fewer mantissa bits: 8x the fp16 numbers.
 TOL = {"fp32": (1e-5, 2e-4), "fp16": (2e-3, 2e-2), "bf16": (1.6e-2, 8e-2)}
 gpu = pytest.mark.gpu
+assert_close = partial(testing.assert_close, floor=0.1)  # the criterion above
 
 
 @pytest.fixture(autouse=True)
@@ -35,23 +41,6 @@ def nan_buffers(monkeypatch):
     """Every buffer a launcher hands to a kernel starts as NaN: an element the kernel fails to write cannot pass
     (and the uninitialised dK/dV partials prove that only the written rows are read back)."""
     nan_filled(monkeypatch, "attention")
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
-    """|out − ref| <= tol·(|ref| + rms(ref)) everywhere (relative, with an absolute floor at the tensor's own scale,
-    so sums that cancel are judged against the size of their terms); the message names the count, the worst
-    index, ref and out."""
-    out, ref = out.detach().float().cpu(), ref.detach().float().cpu()
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert not out.isnan().any(), f"{what}: {int(out.isnan().sum())} NaN of {out.numel()}"
-    # floor 0.1: a mask with one visible key has dQ = 0 exactly, the kernel gets dP − δ = rounding (~1e-6)
-    floor = max(float(ref.pow(2).mean().sqrt()) if ref.numel() else 0.0, 0.1)
-    excess = (out - ref).abs() - tol * (ref.abs() + floor)
-    if (excess > 0).any():
-        i = int(excess.argmax())
-        idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), out.shape))
-        raise AssertionError(f"{what}: {int((excess > 0).sum())}/{out.numel()} beyond tol {tol}; worst at {idx}: "
-                             f"ref {ref.flatten()[i]:.7g}, out {out.flatten()[i]:.7g}")
 
 
 def make_keep(kind: str, B: int, M: int, N: int, gen: torch.Generator) -> torch.Tensor:
@@ -224,6 +213,28 @@ def test_custom_ops_pass_opcheck():
     cu = torch.tensor([0, 7, 7, 20], dtype=torch.int32, device=DEVICE)
     seg = torch.tensor([0] * 7 + [2] * 13, dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(torch.ops.fastwsss.varlen_attention_fwd.default, (qp, kp, vp, seg, cu, 0.25))
+
+
+def test_custom_ops_under_torch_compile():
+    """fullgraph capture through both layouts' forward and backward ops (aot_eager: the graph, without inductor's
+    CPU compile): the same output and gradients as eager. (The public varlen_attention checks CPU cu_seqlens on the
+    host, which no graph can hold, so the ops are called directly.)"""
+    gen = torch.Generator().manual_seed(0)
+    idx, counts = compact_keys(make_keep("random", 1, 3, 20, gen).to(DEVICE))
+    cu = torch.tensor([0, 7, 7, 20], dtype=torch.int32, device=DEVICE)
+    seg = torch.tensor([0] * 7 + [2] * 13, dtype=torch.int32, device=DEVICE)
+    ops = torch.ops.fastwsss
+    for fn, shape in ((lambda q, k, v: ops.masked_key_attention_fwd(q, k, v, idx, counts, 0.25)[0], (1, 2, 20, 16)),
+                      (lambda q, k, v: ops.varlen_attention_fwd(q, k, v, seg, cu, 0.25)[0], (20, 2, 16))):
+        inputs = [torch.randn(shape, generator=gen, device=DEVICE) for _ in range(3)]
+        eager_in = [x.clone().requires_grad_() for x in inputs]
+        compiled_in = [x.clone().requires_grad_() for x in inputs]
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*compiled_in)
+        want = fn(*eager_in)
+        g = torch.randn(want.shape, generator=gen).to(DEVICE)
+        assert_close(out, want, 1e-6, "compiled out")
+        for a, b in zip(torch.autograd.grad(out, compiled_in, g), torch.autograd.grad(want, eager_in, g), strict=True):
+            assert_close(a, b, 1e-6, "compiled grad")
 
 
 # ---- the timm drop-in, on a timm ViT this project does not otherwise use (register token, qk-norm, layer scale)

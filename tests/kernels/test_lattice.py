@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fastwsss.kernels.lattice import PermutohedralLattice as Lattice
-from fastwsss.kernels.lattice import permutohedral_filter
+from fastwsss.kernels.lattice import bilateral_features, permutohedral_filter, position_features
 from fastwsss.kernels.lattice.reference import PermutohedralLattice, _scale_factors
+from fastwsss.kernels.testing import DEVICE, assert_close, natural_image
 
 from parity import nan_filled
 
@@ -61,14 +62,9 @@ def oracle_features(dcrf, feats: np.ndarray, q: np.ndarray) -> np.ndarray:
     return _step(crf, np.ascontiguousarray(q, dtype=np.float32))
 
 
-def bilateral_features(img: np.ndarray, sxy: float, srgb: float) -> torch.Tensor:
-    """densecrf's DenseCRF2D::addPairwiseBilateral features, float32: x/sxy, y/sxy, r/srgb, g/srgb, b/srgb."""
-    H, W, _ = img.shape
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32),
-                            indexing="ij")
-    rgb = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).to(torch.float32)
-    sxy32, srgb32 = torch.tensor(sxy, dtype=torch.float32), torch.tensor(srgb, dtype=torch.float32)
-    return torch.cat([(xs / sxy32)[None], (ys / sxy32)[None], rgb / srgb32])[None]  # [1, 5, H, W]
+def image_features(img: np.ndarray, sxy: float, srgb: float) -> torch.Tensor:
+    """densecrf's DenseCRF2D::addPairwiseBilateral features of one uint8 image [H, W, 3] (its layout): [1, 5, H, W]."""
+    return bilateral_features(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None], srgb, sxy)
 
 
 def make_image(kind: str, H: int, W: int, seed: int) -> np.ndarray:
@@ -82,48 +78,22 @@ def make_image(kind: str, H: int, W: int, seed: int) -> np.ndarray:
         yy, xx = np.mgrid[:H, :W]
         img = np.stack([xx * 255 // max(W - 1, 1), yy * 255 // max(H - 1, 1), (xx + 2 * yy) % 256], -1)
         return img.astype(np.uint8)
-    if kind == "natural":  # smooth colour waves, a few flat objects, mild noise
-        yy, xx = np.mgrid[:H, :W] / max(H, W)
-        img = np.zeros((H, W, 3))
-        for c in range(3):
-            img[..., c] = 128 + 60 * np.sin(2 * np.pi * (xx * r.uniform(0.5, 2) + yy * r.uniform(0.5, 2))
-                                            + r.uniform(0, 6))
-        for _ in range(4):
-            cy, cx, rad = r.uniform(0.2, 0.8), r.uniform(0.2, 0.8), r.uniform(0.08, 0.2)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < rad ** 2] = r.uniform(0, 255, 3)
-        return np.clip(img + r.randn(H, W, 3) * 3, 0, 255).round().astype(np.uint8)
+    if kind == "natural":
+        return natural_image(H, W, seed)
     raise ValueError(kind)
 
 
-def assert_matches(ours: np.ndarray, ref: np.ndarray, tol: float = TOL, what: str = "") -> float:
-    """max |ours - ref| / max |ref| <= tol, and per element |ours - ref| / |ref| <= tol where |ref| is not tiny
-    (> 1e-3 max |ref|). Returns the max relative difference."""
-    ours = np.asarray(ours, np.float64)
-    ref = np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != oracle {ref.shape}"
-    err = np.abs(ours - ref)
-    scale = np.abs(ref).max()
-    rel_max = err.max() / scale
-    bad = err > tol * scale
-    if bad.any():
-        i = tuple(int(x) for x in np.unravel_index(np.argmax(err), err.shape))
-        pytest.fail(f"{what}: {bad.sum()} of {err.size} elements off by > {tol} * max|oracle| "
-                    f"(max rel {rel_max:.3e}); "
-                    f"worst at {i}: ours {float(ours[i])!r}, oracle {float(ref[i])!r}")
-    big = np.abs(ref) > 1e-3 * scale
-    rel = np.where(big, err / np.where(big, np.abs(ref), 1.0), 0.0)
-    bad = rel > tol
-    if bad.any():
-        i = tuple(int(x) for x in np.unravel_index(np.argmax(rel), rel.shape))
-        pytest.fail(f"{what}: {bad.sum()} of {big.sum()} elements have relative difference > {tol} "
-                    f"(worst {rel[i]:.3e}) at {i}: ours {float(ours[i])!r}, oracle {float(ref[i])!r}")
-    return rel_max
+def assert_matches(ours: np.ndarray, ref: np.ndarray, tol: float = TOL, what: str = "") -> None:
+    """|ours - ref| <= tol·max |ref| everywhere, and <= tol·|ref| where |ref| is not tiny (> 1e-3 max |ref|)."""
+    ref64 = torch.as_tensor(ref).double()
+    assert_close(ours, ref, tol, what, rtol=0, scale="max")
+    assert_close(ours, ref, what=what, rtol=tol, atol=0, where=ref64.abs() > 1e-3 * ref64.abs().max())
 
 
 def _ours(img: np.ndarray, q: np.ndarray, sxy: float, srgb: float, **kw) -> np.ndarray:
     H, W, _ = img.shape
     K = q.shape[0]
-    lat = PermutohedralLattice(bilateral_features(img, sxy, srgb), **kw)
+    lat = PermutohedralLattice(image_features(img, sxy, srgb), **kw)
     return lat.filter(torch.from_numpy(q).reshape(1, K, H, W)).reshape(K, H * W).numpy()
 
 
@@ -217,7 +187,7 @@ def test_batched_equals_per_image(dcrf):
     """B=3 images, each with its own lattice (image index in the hash key), equal one-image results & oracle."""
     H, W, K = 17, 23, 4
     imgs = [make_image(k, H, W, seed=s) for s, k in enumerate(("noise", "blocks", "natural"))]
-    feats = torch.cat([bilateral_features(im, 50, 15) for im in imgs])
+    feats = torch.cat([image_features(im, 50, 15) for im in imgs])
     q = np.random.RandomState(1).rand(3, K, H * W).astype(np.float32)
     v = torch.from_numpy(q).reshape(3, K, H, W)
     batched = PermutohedralLattice(feats).filter(v)
@@ -236,7 +206,7 @@ def test_ones_vs_exact_gaussian_sum():
     and highly correlated with it."""
     H = W = 64
     img = make_image("natural", H, W, seed=7)
-    f = bilateral_features(img, 14, 15)
+    f = image_features(img, 14, 15)
     out = PermutohedralLattice(f).filter(torch.ones(1, 1, H, W, dtype=torch.float64)).reshape(-1)
     ff = f.reshape(5, -1).T.double()
     exact = torch.exp(-0.5 * torch.cdist(ff, ff) ** 2).sum(1)
@@ -270,7 +240,7 @@ def test_gradient_is_reverse_filter():
     """filter is linear in the values; its transpose is the reverse-order blur, so d/dv sum(w * filter(v)) =
     filter(w, reverse=True)."""
     H, W = 17, 23
-    feats = torch.cat([bilateral_features(make_image(k, H, W, seed=3), 20, 10) for k in ("natural", "blocks")])
+    feats = torch.cat([image_features(make_image(k, H, W, seed=3), 20, 10) for k in ("natural", "blocks")])
     lat = PermutohedralLattice(feats)
     g = torch.Generator().manual_seed(0)
     v = torch.rand(2, 3, H, W, generator=g, dtype=torch.float64, requires_grad=True)
@@ -301,7 +271,7 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2), (torch.float64, 1e-6)])
 def test_dtypes(dtype, tol):
     H, W = 17, 23
-    lat = PermutohedralLattice(bilateral_features(make_image("natural", H, W, seed=5), 30, 15))
+    lat = PermutohedralLattice(image_features(make_image("natural", H, W, seed=5), 30, 15))
     v = torch.rand(1, 4, H, W, generator=torch.Generator().manual_seed(0))
     ref = lat.filter(v)
     out = lat.filter(v.to(dtype))
@@ -316,7 +286,7 @@ def test_backends():
     from fastwsss.kernels._backend import INTERPRET
 
     H, W = 9, 11
-    feats = bilateral_features(make_image("noise", H, W, seed=2), 5, 20)
+    feats = image_features(make_image("noise", H, W, seed=2), 5, 20)
     v = torch.rand(1, 3, H, W)
     ref = PermutohedralLattice(feats).filter(v)
     torch.testing.assert_close(permutohedral_filter(v, feats, backend="torch"), ref, rtol=0, atol=0)
@@ -354,6 +324,24 @@ def test_bad_inputs(backend):
             Lattice(torch.full((1, 5, 4, 4), float("nan")), backend="triton")
 
 
+# ------------------------------------------------------------------------------------------------- features
+
+
+def test_feature_builders():
+    """densecrf's features: x (the column) then y, over sigma_xy; then r, g, b over sigma_rgb; float32 from uint8 or
+    float images; the position part alone is the Gaussian kernel's."""
+    images = torch.tensor([[0, 10, 255], [7, 8, 9]], dtype=torch.uint8).expand(2, 3, 2, 3)
+    f = bilateral_features(images, 5.0, 2.0)
+    assert f.shape == (2, 5, 2, 3) and f.dtype == torch.float32
+    assert torch.equal(f[0, 0], torch.tensor([[0.0, 0.5, 1.0]] * 2))
+    assert torch.equal(f[0, 1], torch.tensor([[0.0] * 3, [0.5] * 3]))
+    assert torch.equal(f[1, 2:], images[1].float() / 5)
+    assert torch.equal(bilateral_features(images.double(), 5.0, 2.0), f)
+    assert torch.equal(position_features(2, 2, 3, 2.0), f[:, :2])
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        bilateral_features(images[:, :2], 5.0, 2.0)
+
+
 # ----------------------------------------------------------------------------------------------- internals
 
 
@@ -381,7 +369,7 @@ def test_cuda_matches_cpu():
     """On a GPU, "auto" builds and filters with real Triton: same output as the CPU reference, and the gradient
     (the custom op's backward) is the reverse filter."""
     H, W = 64, 64
-    feats = torch.cat([bilateral_features(make_image(k, H, W, seed=1), 50, 15) for k in ("natural", "blocks")])
+    feats = torch.cat([image_features(make_image(k, H, W, seed=1), 50, 15) for k in ("natural", "blocks")])
     v = torch.rand(2, 21, H, W)
     cpu_lat = PermutohedralLattice(feats)
     cpu = cpu_lat.filter(v)
@@ -416,18 +404,14 @@ def _nan_fill(monkeypatch):
         nan_filled(monkeypatch, "lattice")
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def triton_lattice(features: torch.Tensor, **kw) -> Lattice:
-    lat = Lattice(features.to(_device()), backend="triton", **kw)
+    lat = Lattice(features.to(DEVICE), backend="triton", **kw)
     assert lat.backend == "triton"
     return lat
 
 
 def _compare(lat: Lattice, ref: PermutohedralLattice, v: torch.Tensor, what: str, reverse: bool = False) -> None:
-    out = lat.filter(v.to(_device()), reverse=reverse)
+    out = lat.filter(v.to(DEVICE), reverse=reverse)
     assert out.dtype == v.dtype and out.shape == v.shape
     expected = ref.filter(v.double(), reverse=reverse)
     B, C = v.shape[:2]
@@ -440,13 +424,13 @@ def test_triton_coordinates_are_the_references():
     barycentric weights bit for bit, and finds the same vertices (rounding ties, rank ties, block padding)."""
     from fastwsss.kernels.lattice._triton import TritonLattice
 
-    cases = [bilateral_features(make_image(k, 17, 23, seed=1), sxy, srgb)
+    cases = [image_features(make_image(k, 17, 23, seed=1), sxy, srgb)
              for k, sxy, srgb in (("noise", 50, 15), ("blocks", 1, 1), ("gradient", 2, 5))]
     cases.append(torch.rand(2, 3, 5, 6, generator=torch.Generator().manual_seed(0)) * 5 - 2.5)
     for feats in cases:
         for padding in (True, False):
             ref = PermutohedralLattice(feats, densecrf_padding=padding)
-            tri = TritonLattice(feats.to(_device()), densecrf_padding=padding)
+            tri = TritonLattice(feats.to(DEVICE), densecrf_padding=padding)
             B, d, H, W = feats.shape
             N = H * W
             offsets, bary = tri.tensors[:2]
@@ -473,7 +457,7 @@ TRITON_CASES = [  # (id, B, H, W, kind, sxy, srgb, C)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "reverse"])
 def test_triton_matches_reference(case, reverse):
     _, B, H, W, kind, sxy, srgb, C = case
-    feats = torch.cat([bilateral_features(make_image(kind, H, W, seed=b), sxy, srgb) for b in range(B)])
+    feats = torch.cat([image_features(make_image(kind, H, W, seed=b), sxy, srgb) for b in range(B)])
     v = torch.rand(B, C, H, W, generator=torch.Generator().manual_seed(C))
     _compare(triton_lattice(feats), PermutohedralLattice(feats), v, f"{case[0]} reverse={reverse}", reverse)
 
@@ -485,7 +469,7 @@ def test_triton_64bit_index_math(monkeypatch):
 
     monkeypatch.setattr(kernels, "_INT32_LIMIT", 0)
     _, B, H, W, kind, sxy, srgb, C = TRITON_CASES[3]
-    feats = torch.cat([bilateral_features(make_image(kind, H, W, seed=b), sxy, srgb) for b in range(B)])
+    feats = torch.cat([image_features(make_image(kind, H, W, seed=b), sxy, srgb) for b in range(B)])
     v = torch.rand(B, C, H, W, generator=torch.Generator().manual_seed(C))
     for reverse in (False, True):
         _compare(triton_lattice(feats), PermutohedralLattice(feats), v, f"INT64 reverse={reverse}", reverse)
@@ -497,7 +481,7 @@ def test_triton_low_precision_values(dtype):
     """Low-precision values are read, upcast and accumulated in float32, written back in their dtype; compared to
     the reference on the same (rounded) inputs."""
     H, W = 17, 23
-    feats = bilateral_features(make_image("natural", H, W, seed=5), 30, 15)
+    feats = image_features(make_image("natural", H, W, seed=5), 30, 15)
     v = torch.rand(2, 5, H, W, generator=torch.Generator().manual_seed(0)).to(dtype)
     feats = torch.cat([feats, feats.flip(-1)])
     _compare(triton_lattice(feats), PermutohedralLattice(feats), v, str(dtype))
@@ -510,15 +494,15 @@ def test_triton_matches_densecrf(dcrf):
                                      (17, 23, "gradient", 2, 5, 21), (31, 45, "natural", 10, 20, 7)):
         img = make_image(kind, H, W, seed=H * W + K)
         q = np.random.RandomState(K).rand(K, H * W).astype(np.float32)
-        lat = triton_lattice(bilateral_features(img, sxy, srgb))
-        ours = lat.filter(torch.from_numpy(q).reshape(1, K, H, W).to(_device())).cpu().reshape(K, -1).numpy()
+        lat = triton_lattice(image_features(img, sxy, srgb))
+        ours = lat.filter(torch.from_numpy(q).reshape(1, K, H, W).to(DEVICE)).cpu().reshape(K, -1).numpy()
         assert_matches(ours, oracle_bilateral(dcrf, img, q, sxy, srgb), what=f"triton {H}x{W} {kind} K={K}")
     r = np.random.RandomState(3)
     for d, N in ((2, 96), (7, 60)):
         feats = (r.randn(d, N) * 2).astype(np.float32)
         q = r.rand(4, N).astype(np.float32)
         lat = triton_lattice(torch.from_numpy(feats).reshape(1, d, 1, N))
-        ours = lat.filter(torch.from_numpy(q).reshape(1, 4, 1, N).to(_device())).cpu().reshape(4, N).numpy()
+        ours = lat.filter(torch.from_numpy(q).reshape(1, 4, 1, N).to(DEVICE)).cpu().reshape(4, N).numpy()
         assert_matches(ours, oracle_features(dcrf, feats, q), what=f"triton generic d={d}")
 
 
@@ -529,11 +513,11 @@ def test_triton_224_c21_matches_reference_and_densecrf(dcrf):
     logits = np.random.RandomState(15).randn(21, 224 * 224).astype(np.float32) * 3
     q = np.exp(logits - logits.max(0))
     q = (q / q.sum(0)).astype(np.float32)
-    feats = bilateral_features(img, 50, 15)
+    feats = image_features(img, 50, 15)
     lat = triton_lattice(feats)
     assert len(lat._impl.tensors[5]) >= 2  # long vertex rows were split
     v = torch.from_numpy(q).reshape(1, 21, 224, 224)
-    out = lat.filter(v.to(_device())).cpu()
+    out = lat.filter(v.to(DEVICE)).cpu()
     ref = PermutohedralLattice(feats).filter(v.double())
     assert_matches(out.reshape(21, -1).numpy(), ref.reshape(21, -1).numpy(), tol=1e-5, what="224 vs reference")
     assert_matches(out.reshape(21, -1).numpy(), oracle_bilateral(dcrf, img, q, 50, 15), what="224 vs densecrf")
@@ -545,7 +529,7 @@ def test_triton_constant_image_and_constant_features():
     H, W = 24, 20
     img = np.full((H, W, 3), 77, np.uint8)
     v = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(2))
-    feats = torch.cat([bilateral_features(img, 50, 15), bilateral_features(img, 3, 15)])
+    feats = torch.cat([image_features(img, 50, 15), image_features(img, 3, 15)])
     _compare(triton_lattice(feats), PermutohedralLattice(feats), v, "constant image")
     H, W = 40, 30
     flat = torch.full((2, 5, H, W), 0.3)
@@ -553,7 +537,7 @@ def test_triton_constant_image_and_constant_features():
     assert lat.num_vertices == 2 * 6 and len(lat._impl.tensors[5]) == 3  # 1200 pixels: 38 pieces, 2, 1
     v = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(2))
     _compare(lat, PermutohedralLattice(flat), v, "constant features")
-    out = lat.filter(torch.ones(2, 1, H, W, device=_device()))
+    out = lat.filter(torch.ones(2, 1, H, W, device=DEVICE))
     assert torch.allclose(out, out.flatten()[0])  # every pixel sees the same lattice mass
 
 
@@ -563,8 +547,8 @@ def test_triton_short_segments_and_huge_keys():
     from fastwsss.kernels.lattice._triton import TritonLattice, lattice_filter
 
     g = torch.Generator().manual_seed(4)
-    feats = (torch.rand(2, 5, 9, 11, generator=g) * 4).to(_device())
-    v = torch.rand(2, 3, 9, 11, generator=g).to(_device())
+    feats = (torch.rand(2, 5, 9, 11, generator=g) * 4).to(DEVICE)
+    v = torch.rand(2, 3, 9, 11, generator=g).to(DEVICE)
     a, b = TritonLattice(feats), TritonLattice(feats, seg=2)
     assert len(b.tensors[5]) > len(a.tensors[5])
     fa, fb = lattice_filter(v, *a.tensors, False), lattice_filter(v, *b.tensors, False)
@@ -578,21 +562,21 @@ def test_triton_gradients():
     """The custom op's backward is the reverse filter (the filter's transpose): equal to the reference's autograd;
     differentiable twice; filtering with reverse=True has the forward filter as its gradient."""
     H, W = 17, 23
-    feats = torch.cat([bilateral_features(make_image(k, H, W, seed=3), 20, 10) for k in ("natural", "blocks")])
+    feats = torch.cat([image_features(make_image(k, H, W, seed=3), 20, 10) for k in ("natural", "blocks")])
     lat, ref = triton_lattice(feats), PermutohedralLattice(feats)
     g = torch.Generator().manual_seed(0)
     v = torch.rand(2, 3, H, W, generator=g)
     w = torch.rand(2, 3, H, W, generator=g)
     for reverse in (False, True):
-        vt = v.to(_device()).detach().requires_grad_()
-        (lat.filter(vt, reverse=reverse) * w.to(_device())).sum().backward()
+        vt = v.to(DEVICE).detach().requires_grad_()
+        (lat.filter(vt, reverse=reverse) * w.to(DEVICE)).sum().backward()
         vr = v.double().requires_grad_()
         (ref.filter(vr, reverse=reverse) * w.double()).sum().backward()
         assert_matches(vt.grad.cpu().double().reshape(6, -1).numpy(), vr.grad.reshape(6, -1).numpy(),
                        tol=1e-5, what=f"grad reverse={reverse}")
-    vt = v.to(_device()).detach().requires_grad_()
+    vt = v.to(DEVICE).detach().requires_grad_()
     (gv,) = torch.autograd.grad((lat.filter(vt) ** 2).sum(), vt, create_graph=True)
-    (ggv,) = torch.autograd.grad((gv * w.to(_device())).sum(), vt)
+    (ggv,) = torch.autograd.grad((gv * w.to(DEVICE)).sum(), vt)
     vr = v.double().requires_grad_()
     (gr,) = torch.autograd.grad((ref.filter(vr) ** 2).sum(), vr, create_graph=True)
     (ggr,) = torch.autograd.grad((gr * w.double()).sum(), vr)
@@ -604,7 +588,7 @@ def test_triton_custom_op_opcheck():
     """torch.library.opcheck: schema, fake tensor, autograd registration of fastwsss::lattice_filter."""
     from fastwsss.kernels.lattice.api import _lattice_filter
 
-    lat = triton_lattice(bilateral_features(make_image("noise", 4, 5, seed=0), 5, 20))
-    v = torch.rand(1, 2, 4, 5, device=_device(), requires_grad=True)
+    lat = triton_lattice(image_features(make_image("noise", 4, 5, seed=0), 5, 20))
+    v = torch.rand(1, 2, 4, 5, device=DEVICE, requires_grad=True)
     torch.library.opcheck(_lattice_filter, (v, *lat._impl.tensors, False),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

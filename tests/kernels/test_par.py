@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from fastwsss.kernels.par import DEFAULT_DILATIONS, par, par_affinity, par_propagate
+from fastwsss.kernels.testing import DEVICE, assert_close
 
-from parity import DEVICE, check, nan_filled
+from parity import nan_filled
 
 
 def naive_par(image: list, masks: list, dilations, num_iter: int, w1: float = 0.3, w2: float = 0.01):
@@ -237,7 +238,7 @@ def par_parity(images, masks, dilations=DEFAULT_DILATIONS, num_iter=10, equal_na
     out = par(images, masks, dilations, num_iter, backend="triton")
     ref = par(images, masks, dilations, num_iter, backend="torch")
     assert out.dtype == masks.dtype and out.device == masks.device
-    check(out, ref, rtol, atol, "par", equal_nan)
+    assert_close(out, ref, what="par", rtol=rtol, atol=atol, scale="one", equal_nan=equal_nan)
     return out
 
 
@@ -249,8 +250,10 @@ def par_parity(images, masks, dilations=DEFAULT_DILATIONS, num_iter=10, equal_na
 def test_triton_affinity_matches_reference(kernels, B, C, h, w, dilations):
     images = case(B, 1, h, w)[0][:, :C].contiguous()
     out = par_affinity(images, dilations, backend="triton")
-    check(out, par_affinity(images, dilations, backend="torch"), 1e-5, 1e-6, "affinity")
-    check(out.sum(1), torch.full((B, h, w), 1.01), 1e-6, 1e-6, "affinity sums to 1 + w2")
+    assert_close(out, par_affinity(images, dilations, backend="torch"), what="affinity", rtol=1e-5, atol=1e-6,
+                 scale="one")
+    assert_close(out.sum(1), torch.full((B, h, w), 1.01), what="affinity sums to 1 + w2", rtol=1e-6, atol=1e-6,
+                 scale="one")
 
 
 @pytest.mark.parametrize("B, K, h, w, mask_hw, num_iter", [
@@ -272,7 +275,8 @@ def test_triton_64bit_index_math(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "_INT32_LIMIT", 0)
     images, masks = case(2, 3, 17, 23, (5, 7), seed=4)
     par_parity(images, masks, num_iter=3)
-    check(par_affinity(images, backend="triton"), par_affinity(images, backend="torch"), 1e-5, 1e-6, "affinity")
+    assert_close(par_affinity(images, backend="triton"), par_affinity(images, backend="torch"), what="affinity",
+                 rtol=1e-5, atol=1e-6, scale="one")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -283,9 +287,11 @@ def test_triton_half_inputs(kernels, dtype):
     par_parity(images, masks, num_iter=4)
     aff = par_affinity(images, backend="triton")
     assert aff.dtype == dtype
-    check(aff, par_affinity(images, backend="torch"), *TOL[dtype], "affinity")
+    rtol, atol = TOL[dtype]
+    assert_close(aff, par_affinity(images, backend="torch"), what="affinity", rtol=rtol, atol=atol, scale="one")
     out = par_propagate(aff, masks, num_iter=4, backend="triton")
-    check(out, par_propagate(aff, masks, num_iter=4, backend="torch"), *TOL[dtype], "propagate")
+    assert_close(out, par_propagate(aff, masks, num_iter=4, backend="torch"), what="propagate", rtol=rtol, atol=atol,
+                 scale="one")
 
 
 def test_triton_skips_zero_channels_per_image(kernels):
@@ -304,9 +310,10 @@ def test_triton_constant_image(kernels):
     """σ_I = 0: κ_I = 0 for every neighbour, no NaN; a constant mask c comes out as c·1.01^num_iter."""
     images = torch.full((2, 3, 6, 7), 0.4, device=DEVICE)
     aff = par_affinity(images, backend="triton")
-    check(aff, par_affinity(images, backend="torch"), 1e-6, 1e-7, "affinity")
+    assert_close(aff, par_affinity(images, backend="torch"), what="affinity", rtol=1e-6, atol=1e-7, scale="one")
     out = par(images, torch.full((2, 2, 6, 7), 2.0, device=DEVICE), num_iter=3, backend="triton")
-    check(out, torch.full_like(out, 2.0 * 1.01**3), 1e-5, 0, "constant mask")  # 48-term fp32 sums
+    assert_close(out, torch.full_like(out, 2.0 * 1.01**3), what="constant mask", rtol=1e-5, atol=0,
+                 scale="one")  # 48-term fp32 sums
 
 
 def test_triton_is_deterministic(kernels):
@@ -339,7 +346,8 @@ def test_custom_ops_pass_opcheck_and_compile(kernels):
     fn = torch.compile(lambda i, m: par(i, m, (1, 2), num_iter=2, backend="triton"), fullgraph=True,
                        backend="aot_eager")
     with torch.no_grad():
-        check(fn(images, masks), par(images, masks, (1, 2), num_iter=2, backend="torch"), 1e-5, 1e-5, "compiled")
+        assert_close(fn(images, masks), par(images, masks, (1, 2), num_iter=2, backend="torch"), what="compiled",
+                     rtol=1e-5, atol=1e-5, scale="one")
 
 
 @pytest.mark.gpu
