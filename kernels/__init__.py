@@ -6,11 +6,11 @@ choice for a caller's own code path (see ``_backend.py``).
 """
 
 from ._backend import device_reasons, resolve_backend
-from .affinity import token_affinity_loss
+from .affinity import token_affinity_loss, token_affinity_sums
 from .attention import MaskedKeyAttention, masked_key_attention, swap_attention, varlen_attention
 from .lattice import PermutohedralLattice, bilateral_features, permutohedral_filter, position_features
 from .par import par, par_affinity, par_propagate
 
 __all__ = ["MaskedKeyAttention", "PermutohedralLattice", "bilateral_features", "device_reasons", "masked_key_attention",
            "par", "par_affinity", "par_propagate", "permutohedral_filter", "position_features", "resolve_backend",
-           "swap_attention", "token_affinity_loss", "varlen_attention"]
+           "swap_attention", "token_affinity_loss", "token_affinity_sums", "varlen_attention"]

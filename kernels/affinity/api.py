@@ -12,18 +12,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import TRITON_DTYPES, device_reasons, resolve_backend
-from .reference import token_affinity_loss_reference
+from .reference import loss_from_sums, token_affinity_sums_reference
 
 
 @torch.library.custom_op("fastwsss::token_affinity_sums", mutates_args=())
-def token_affinity_sums(xhat: Tensor, labels: Tensor, absolute: bool, ignore_index: int) -> Tensor:
+def _sums_op(xhat: Tensor, labels: Tensor, absolute: bool, ignore_index: int) -> Tensor:
     """xhat [B, N, D] fp32 contiguous, labels [B, N] int32 -> [Σ_P s, |P|, Σ_Nn s, |Nn|] float64 (Triton)."""
     from . import _triton
 
     return _triton.token_affinity_sums(xhat, labels, absolute, ignore_index)
 
 
-@token_affinity_sums.register_fake
+@_sums_op.register_fake
 def _(xhat, labels, absolute, ignore_index):
     return xhat.new_empty(4, dtype=torch.float64)
 
@@ -55,7 +55,7 @@ def _backward(ctx, grad):
     return dx, None, None, None
 
 
-token_affinity_sums.register_autograd(_backward, setup_context=_setup_context)
+_sums_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_reasons(feats: Tensor, labels: Tensor) -> list[str]:
@@ -68,11 +68,30 @@ def triton_reasons(feats: Tensor, labels: Tensor) -> list[str]:
     return reasons
 
 
-def _token_affinity_loss_triton(feats: Tensor, labels: Tensor, absolute: bool, ignore_index: int) -> Tensor:
-    xhat = F.normalize(feats.float(), p=2, dim=-1, eps=1e-8).contiguous()  # [B, N, D] fp32, as the reference
-    sums = token_affinity_sums(xhat, labels.to(torch.int32).contiguous(), absolute, ignore_index)
-    sp, n_p, sn, n_n = sums.unbind()
-    return (0.5 * (1 - sp / (n_p + 1)) + 0.5 * sn / (n_n + 1)).to(feats.dtype)
+def _check_inputs(op: str, feats: Tensor, labels: Tensor) -> None:
+    if feats.ndim != 3:
+        raise ValueError(f"{op}: feats must be [B, N, D], got shape {tuple(feats.shape)}")
+    if not feats.is_floating_point():
+        raise TypeError(f"{op}: feats must be floating point, got {feats.dtype}")
+    if labels.shape != feats.shape[:2]:
+        raise ValueError(f"{op}: labels must be [B, N] = {tuple(feats.shape[:2])}, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{op}: labels must be an integer tensor, got {labels.dtype}")
+
+
+def token_affinity_sums(feats: Tensor, labels: Tensor, absolute: bool = True, ignore_index: int = 255,
+                        backend: str = "auto") -> Tensor:
+    """The four pair sums the loss is made of: feats [B, N, D], labels [B, N] -> [Σ_P s, |P|, Σ_Nn s, |Nn|]
+    (float64 from the kernels, promote_types(dtype, float32) from the reference), differentiable w.r.t. feats.
+
+    What a part of a batch contributes: sums of parts add up to the whole batch's, so a batch split over processes
+    or micro-batches is normalised by the total counts (``token_affinity_loss`` is ``loss_from_sums`` of these)."""
+    op = "token_affinity_sums"
+    _check_inputs(op, feats, labels)
+    if resolve_backend(backend, op, triton_reasons(feats, labels)) == "triton":
+        xhat = F.normalize(feats.float(), p=2, dim=-1, eps=1e-8).contiguous()  # [B, N, D] fp32, as the reference
+        return _sums_op(xhat, labels.to(torch.int32).contiguous(), absolute, ignore_index)
+    return token_affinity_sums_reference(feats, labels, absolute, ignore_index)
 
 
 def token_affinity_loss(feats: Tensor, labels: Tensor, absolute: bool = True, ignore_index: int = 255,
@@ -83,15 +102,5 @@ def token_affinity_loss(feats: Tensor, labels: Tensor, absolute: bool = True, ig
     L = 0.5·(1 − Σ_P s / (|P| + 1)) + 0.5·Σ_Nn s / (|Nn| + 1), s_ij = |cos(x_i, x_j)| (plain cosine if not
     `absolute`); P / Nn = ordered same- / different-label pairs i ≠ j of the same image, counted over the batch.
     """
-    op = "token_affinity_loss"
-    if feats.ndim != 3:
-        raise ValueError(f"{op}: feats must be [B, N, D], got shape {tuple(feats.shape)}")
-    if not feats.is_floating_point():
-        raise TypeError(f"{op}: feats must be floating point, got {feats.dtype}")
-    if labels.shape != feats.shape[:2]:
-        raise ValueError(f"{op}: labels must be [B, N] = {tuple(feats.shape[:2])}, got {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{op}: labels must be an integer tensor, got {labels.dtype}")
-    if resolve_backend(backend, op, triton_reasons(feats, labels)) == "triton":
-        return _token_affinity_loss_triton(feats, labels, absolute, ignore_index)
-    return token_affinity_loss_reference(feats, labels, absolute, ignore_index)
+    _check_inputs("token_affinity_loss", feats, labels)
+    return loss_from_sums(token_affinity_sums(feats, labels, absolute, ignore_index, backend)).to(feats.dtype)

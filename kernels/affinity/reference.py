@@ -19,13 +19,11 @@ def pair_masks(labels: Tensor, ignore_index: int = 255) -> tuple[Tensor, Tensor]
     return pair & same, pair & ~same
 
 
-def token_affinity_loss_reference(feats: Tensor, labels: Tensor, absolute: bool = True,
+def token_affinity_sums_reference(feats: Tensor, labels: Tensor, absolute: bool = True,
                                   ignore_index: int = 255) -> Tensor:
-    """feats [B, N, D], labels [B, N] (int) -> scalar in the feats' dtype.
-
-    L = 0.5·(1 − Σ_P s / (|P| + 1)) + 0.5·Σ_Nn s / (|Nn| + 1), with s_ij = |x̂_i · x̂_j| (plain cosine if not
-    `absolute`), x̂ = F.normalize(feats, eps=1e-8), and P / Nn the positive / negative ordered pairs of the batch.
-    """
+    """feats [B, N, D], labels [B, N] (int) -> [Σ_P s, |P|, Σ_Nn s, |Nn|] in promote_types(dtype, float32), with
+    s_ij = |x̂_i · x̂_j| (plain cosine if not `absolute`), x̂ = F.normalize(feats, eps=1e-8), and P / Nn the positive
+    / negative ordered pairs of the batch."""
     ct = torch.promote_types(feats.dtype, torch.float32)
     x = F.normalize(feats.to(ct), p=2, dim=-1, eps=1e-8)
     sim = x @ x.transpose(1, 2)
@@ -33,6 +31,17 @@ def token_affinity_loss_reference(feats: Tensor, labels: Tensor, absolute: bool 
         sim = sim.abs()
     pos, neg = pair_masks(labels, ignore_index)
     zero = sim.new_zeros(())
-    pos_term = torch.where(pos, sim, zero).sum() / (pos.sum() + 1)
-    neg_term = torch.where(neg, sim, zero).sum() / (neg.sum() + 1)
-    return (0.5 * (1 - pos_term) + 0.5 * neg_term).to(feats.dtype)
+    return torch.stack([torch.where(pos, sim, zero).sum(), pos.sum().to(ct), torch.where(neg, sim, zero).sum(),
+                        neg.sum().to(ct)])
+
+
+def loss_from_sums(sums: Tensor) -> Tensor:
+    """[Σ_P s, |P|, Σ_Nn s, |Nn|] -> L = 0.5·(1 − Σ_P s / (|P| + 1)) + 0.5·Σ_Nn s / (|Nn| + 1)."""
+    sp, n_p, sn, n_n = sums.unbind()
+    return 0.5 * (1 - sp / (n_p + 1)) + 0.5 * sn / (n_n + 1)
+
+
+def token_affinity_loss_reference(feats: Tensor, labels: Tensor, absolute: bool = True,
+                                  ignore_index: int = 255) -> Tensor:
+    """feats [B, N, D], labels [B, N] (int) -> scalar in the feats' dtype: ``loss_from_sums`` of the batch's sums."""
+    return loss_from_sums(token_affinity_sums_reference(feats, labels, absolute, ignore_index)).to(feats.dtype)

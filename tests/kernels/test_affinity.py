@@ -281,3 +281,22 @@ def test_triton_under_torch_compile(kernels):
     ref.backward()
     assert_close(out, ref, what="loss", rtol=1e-5, atol=1e-6, scale="one")
     assert_close(f1.grad, f2.grad, what="grad", rtol=1e-5, atol=1e-5 * f2.grad.abs().max().item(), scale="one")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sums_of_parts_add_up_to_the_batch(kernels, backend):
+    """A batch split in two (processes, micro-batches) gives sums and gradients that add up to the whole batch's:
+    what normalising a split batch by its total counts rests on."""
+    from fastwsss.kernels.affinity import loss_from_sums, token_affinity_sums
+
+    feats, labels = make_case(4, 60, 24, torch.float32, seed=5, shared=1.0)
+    whole = feats.clone().requires_grad_()
+    parts = [feats[:2].clone().requires_grad_(), feats[2:].clone().requires_grad_()]
+    s_whole = token_affinity_sums(whole, labels, backend=backend)
+    s_parts = [token_affinity_sums(p, labels[i * 2:(i + 1) * 2], backend=backend) for i, p in enumerate(parts)]
+    assert_close(s_parts[0] + s_parts[1], s_whole, what="sums", rtol=1e-6, atol=1e-6, scale="one")
+    n_p, n_n = s_whole[1].detach(), s_whole[3].detach()  # the total counts, as an all-reduce would give them
+    loss_from_sums(s_whole).backward()
+    for s in s_parts:  # each part: its sums over the total counts, the constant split between the parts
+        (0.5 * (0.5 - s[0] / (n_p + 1)) + 0.5 * s[2] / (n_n + 1)).backward()
+    assert_close(torch.cat([p.grad for p in parts]), whole.grad, what="grad", rtol=1e-5, atol=1e-7, scale="one")
