@@ -151,7 +151,8 @@ class TrainConfig:
     method: str = "cam"  # cam (classification baseline) | toco | mcc
     max_iters: int = 20000  # defines the LR schedule
     stop_at: int | None = None  # stop early (schedule still follows max_iters); resume later
-    batch_size: int = 4
+    batch_size: int = 4  # the global batch: split over torchrun's processes and train.grad_accum micro-batches
+    grad_accum: int = 1  # micro-batches per step and process (a batch larger than memory; same result)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto = bf16 autocast on CUDA (if supported), fp32 on CPU
@@ -248,7 +249,7 @@ def validate(cfg: Config) -> Config:
     lo, hi = cfg.data.rescale_range
     if not 0 < lo <= hi:
         errors.append(f"data.rescale_range={[lo, hi]} must satisfy 0 < low <= high")
-    for key in ("train.max_iters", "train.batch_size", "train.log_interval", "train.eval_interval",
+    for key in ("train.max_iters", "train.batch_size", "train.grad_accum", "train.log_interval", "train.eval_interval",
                 "train.ckpt_interval", "data.crop_size", "eval.batch_size", "cam.par_num_iter",
                 "contrast.proj_dim", "contrast.proj_hidden", "contrast.proj_bottleneck", "contrast.mcc_mask_cell",
                 "contrast.toco_crop_size", "infer.coco_size", "infer.crf_batch_size", "infer.crf_iterations",
@@ -264,6 +265,9 @@ def validate(cfg: Config) -> Config:
             node = getattr(node, part)
         if getattr(node, name) < 0:
             errors.append(f"{key}={getattr(node, name)!r} must be >= 0")
+    if cfg.train.batch_size % max(cfg.train.grad_accum, 1):
+        errors.append(f"train.batch_size={cfg.train.batch_size} must be a multiple of train.grad_accum="
+                      f"{cfg.train.grad_accum} (the micro-batches of a step are equal)")
     if cfg.train.stop_at is not None and cfg.train.stop_at < 1:
         errors.append(f"train.stop_at={cfg.train.stop_at} must be >= 1 (or null: run to train.max_iters)")
     if not cfg.cam.par_dilations or min(cfg.cam.par_dilations) < 1:

@@ -228,7 +228,8 @@ class TrainDataset(Dataset):
         name = self.items.names[index]
         rng = np.random.default_rng([self.seed, position])
         image = read_image(self.items.image_path(name))
-        sample = {"name": name, "cls_label": torch.from_numpy(self.items.cls_labels[index].astype(np.float32))}
+        sample = {"name": name, "position": position,
+                  "cls_label": torch.from_numpy(self.items.cls_labels[index].astype(np.float32))}
         if self.views == "none":
             img, img_box = augment(image, rng, self.crop_size, self.rescale_range, *self.photometric_p)
         else:
@@ -272,10 +273,15 @@ class EvalDataset(Dataset):
 
 class ResumableSampler(Sampler):
     """Endless stream of ``(index, position)``: epoch e is a permutation seeded by (seed, e); starting at
-    ``start`` (samples already drawn) continues the exact stream of an interrupted run."""
+    ``start`` (samples already drawn) continues the exact stream of an interrupted run.
 
-    def __init__(self, size: int, seed: int, start: int = 0):
+    Many processes: the global stream is cut into chunks of ``chunk`` positions dealt in turn to the ``world_size``
+    ranks; this rank yields its chunks only. With chunk = global batch / (world size x micro-batches), the ranks'
+    batches of a step are exactly the one-process batch's samples, whatever the number of processes."""
+
+    def __init__(self, size: int, seed: int, start: int = 0, *, chunk: int = 1, rank: int = 0, world_size: int = 1):
         self.size, self.seed, self.start = size, seed, start
+        self.chunk, self.rank, self.world_size = chunk, rank, world_size
 
     def __iter__(self):
         position = self.start
@@ -283,7 +289,8 @@ class ResumableSampler(Sampler):
             epoch, offset = divmod(position, self.size)
             order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
             for i in order[offset:]:
-                yield int(i), position
+                if (position // self.chunk) % self.world_size == self.rank:
+                    yield int(i), position
                 position += 1
 
 

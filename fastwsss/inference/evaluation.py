@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..data import IGNORE_INDEX, DataError, EvalDataset, SegmentationList, read_mask
 from ..kernels.par import DEFAULT_DILATIONS
 from ..pseudo import cam_to_label, multiscale_cams, refine_seg_label
+from ..runtime import ONE_PROCESS, Dist, all_reduce_sum, shard
 from ..visualize import colorize, heatmap, palette_image, save_grid
 from .crf import CRFRunner
 from .metrics import ConfusionMatrix
@@ -49,6 +50,7 @@ def evaluate_model(
     crf: CRFRunner | None = None,
     save_dir: str | Path | None = None,
     progress: bool = False,
+    dist: Dist = ONE_PROCESS,
 ) -> dict[str, ConfusionMatrix]:
     """Stream the split into one confusion matrix per mode:
 
@@ -63,12 +65,18 @@ def evaluate_model(
     Nothing is kept per image unless ``save_dir`` is given: then each mode's prediction is written as a palette PNG
     ``save_dir/<mode>/<name>.png``. A PNG grid of the first ``num_vis`` images goes to ``vis_path``.
     ``batch_size`` > 1 needs images of one size.
+
+    Under torchrun (``dist``) each process takes a contiguous share of the images and the confusion matrices are
+    summed over the processes: every process returns exactly the one-process result. Only the first process saves the
+    grid and shows progress.
     """
     unknown = set(modes) - {*EVAL_MODES, CRF_MODE}
     if unknown:
         raise ValueError(f"unknown evaluation modes {sorted(unknown)}; choose from {(*EVAL_MODES, CRF_MODE)}")
     if CRF_MODE in modes and crf is None:
         raise ValueError(f"mode {CRF_MODE!r} needs a CRFRunner (crf=...)")
+    if not dist.main:
+        num_vis = 0
     C = dataset.items.num_classes
     results = {m: ConfusionMatrix(C) for m in modes}
     save_dir = Path(save_dir) if save_dir is not None else None
@@ -85,8 +93,10 @@ def evaluate_model(
     want_seg = "seg" in modes or CRF_MODE in modes
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    for s in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True, mininterval=2.0):
+    share = Subset(dataset, shard(len(dataset), dist)) if dist.enabled else dataset
+    loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers)
+    for s in tqdm(loader, desc="evaluate", disable=not (progress and dist.main), dynamic_ncols=True,
+                  mininterval=2.0):
         x, cls_label = s["img"].to(device), s["cls_label"].to(device)
         with autocast():
             cams, cams_aux = multiscale_cams(model, x, scales) if want_cams else (None, None)
@@ -127,6 +137,10 @@ def evaluate_model(
     if CRF_MODE in modes:
         crf_done(crf.finish())
     model.train(was_training)
+    if dist.enabled:  # int64 counts: the sum is exact
+        mats = all_reduce_sum(torch.from_numpy(np.stack([results[m].mat for m in modes])).to(device), dist)
+        for m, mat in zip(modes, mats.cpu().numpy()):
+            results[m].mat = mat
     if rows:
         save_grid(rows, vis_path)
     return results

@@ -3,6 +3,7 @@ views' class tokens [B, M, D] and flags [B, M] (1 = positive); ``LOCAL_VIEWS`` m
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +11,13 @@ from ..config import Config
 from ..models import WSSSNet, dropped_class_tokens, forward_features, masked_class_tokens
 from ..pseudo import roi_map
 from ..runtime import fp32_arithmetic
+
+
+def sample_generator(cfg: Config, position: int, device: torch.device) -> torch.Generator:
+    """A generator seeded by (seed, the sample's global position): a step's random draws are the same however the
+    batch is split over processes and micro-batches, and when a step is recomputed."""
+    seed = int(np.random.SeedSequence([cfg.train.seed, position, 5]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def toco_local_views(model: WSSSNet, batch: dict, cams: torch.Tensor, cams_aux: torch.Tensor, step: int,
@@ -26,7 +34,8 @@ def toco_local_views(model: WSSSNet, batch: dict, cams: torch.Tensor, cams_aux: 
     candidates = inner & (roi <= 1)
     enough = candidates.flatten(1).sum(1, keepdim=True) >= M
     weights = torch.where(enough, candidates.flatten(1), inner.flatten(1)).float()
-    centres = torch.multinomial(weights, M, replacement=False)  # [B, M] flat pixel indices
+    centres = torch.stack([torch.multinomial(w, M, replacement=False, generator=sample_generator(cfg, pos, w.device))
+                           for w, pos in zip(weights, batch["position"].tolist())])  # [B, M] flat pixel indices
     cy, cx = centres // W, centres % W
     offs = torch.arange(S, device=roi.device) - half
     rows = (cy[..., None] + offs)[..., :, None].expand(B, M, S, S)  # [B, M, S, S]

@@ -62,3 +62,14 @@ def setup_logging(run_dir: Path) -> None:
     for h in (_TqdmHandler(), logging.FileHandler(run_dir / "train.log")):
         h.setFormatter(fmt)
         log.addHandler(h)
+
+
+def setup_worker_logging(rank: int) -> None:
+    """The other processes of a torchrun job write nothing to the run directory: their warnings and errors go to the
+    console, marked with their rank."""
+    log.setLevel(logging.WARNING)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
