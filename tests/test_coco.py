@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils  # the test extra has it: only to write the compressed RLE input
 
-from fastwsss.config import load_config
+from fastwsss.config import ConfigError, load_config
 from fastwsss.data import SegmentationList
 from fastwsss.data.coco import CocoError, convert, main
 from fastwsss.evaluate import main as evaluate_main
@@ -351,6 +351,8 @@ def test_coco_configs_train_on_val_part_and_evaluate_on_val():
         cfg = load_config(name)
         assert (cfg.data.train_split, cfg.data.val_split, cfg.data.eval_split) == ("train", "val_part", "val")
     assert load_config("voc_mcc").data.eval_split is None  # evaluate falls back to data.val_split
+    with pytest.raises(ConfigError, match=r"data.val_split='' must name a split list[\s\S]*data.eval_split=' val' must"):
+        load_config("coco_mcc", ['data.eval_split=" val"', 'data.val_split=""'])
 
 
 def test_training_on_converted_masks(tmp_path):
