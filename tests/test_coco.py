@@ -263,6 +263,10 @@ def test_coco_2017_names_and_folders(tmp_path):
         want = expected_mask(data, "train2017", name, "category")
         if want is not None:
             assert np.array_equal(items.pixel_counts[i], np.bincount(want.ravel(), minlength=256)[:5])
+    # 2014 into the same root would mix two train lists: refused
+    (tmp_path / "y").mkdir()
+    with pytest.raises(CocoError, match="its train list holds train2017, not train2014"):
+        convert(write_files(tmp_path / "y")[0], root, progress=False)
 
 
 def test_other_category_sets_are_mapped_in_ascending_order(tmp_path, caplog):
@@ -313,6 +317,8 @@ def test_bad_inputs_are_named(tmp_path):
         convert([variant(lambda c: c["images"].append(dict(c["images"][0])))], tmp_path / "out")
     with pytest.raises(CocoError, match="positive int 'height'"):
         convert([variant(lambda c: c["images"][0].update(height=0))], tmp_path / "out")
+    with pytest.raises(CocoError, match=r"categories\[2\] = .*needs an int 'id' and a 'name'"):
+        convert([variant(lambda c: c["categories"][2].update(name=""))], tmp_path / "out")
     with pytest.raises(CocoError, match="300 categories; 1..254 fit"):
         convert([variant(lambda c: c.update(categories=[{"id": i, "name": f"c{i}"} for i in range(300)]))],
                 tmp_path / "out")

@@ -172,12 +172,14 @@ def load_annotations(path: str | os.PathLike, subset: str | None = None) -> Subs
     categories: dict[int, str] = {}
     for i, cat in enumerate(data["categories"]):
         cid = cat.get("id") if isinstance(cat, dict) else None
-        if not isinstance(cid, int) or isinstance(cid, bool) or not isinstance(cat.get("name"), str):
-            bad.append(f"categories[{i}] = {cat!r}: needs an int 'id' and a str 'name'")
+        name = cat.get("name") if isinstance(cat, dict) else None
+        if not isinstance(cid, int) or isinstance(cid, bool) or not isinstance(name, str) or not name.strip() \
+                or "\n" in name:
+            bad.append(f"categories[{i}] = {cat!r}: needs an int 'id' and a 'name' (one line of text)")
         elif cid in categories:
             bad.append(f"categories[{i}]: id {cid} appears twice")
         else:
-            categories[cid] = cat["name"].strip()
+            categories[cid] = name.strip()
     if bad:
         raise CocoError(_problems("bad category entries", bad, path))
     if not categories or len(categories) > MAX_CATEGORIES:
@@ -341,11 +343,12 @@ def _check_manifest(root: Path, subsets: list[Subset], crowd: str, overwrite: bo
     if problems and not overwrite:
         raise CocoError(f"{root} was converted with other settings: " + "; ".join(problems)
                         + ". Use another --root, or --overwrite to remake the masks and lists")
-    if overwrite:
+    if overwrite:  # forget what this run replaces (and every other subset if the categories changed)
         names = {s.name for s in subsets}
         splits = {s.split for s in subsets}
+        same_classes = old.get("categories") in (None, categories)
         manifest["subsets"] = {k: v for k, v in manifest["subsets"].items()
-                               if k in names or v.get("split") not in splits}
+                               if k in names or (same_classes and v.get("split") not in splits)}
     return manifest
 
 
@@ -353,7 +356,7 @@ def convert(annotations: Sequence[str | os.PathLike | tuple[str, str | os.PathLi
             workers: int = 0, val_part: int = VAL_PART, crowd: str = "category", keep_unannotated: bool = False,
             overwrite: bool = False, progress: bool = True) -> dict:
     """Convert instance annotation files (paths, or ``(subset, path)``) into ``root``; see the module docstring.
-    ``workers``: processes (0 = this one). Returns a summary per subset and the paths written."""
+    ``workers``: processes (0 = this one). Returns what was done, per subset (the command prints it)."""
     if mask_utils is None:
         raise CocoError("the COCO converter needs pycocotools: pip install 'fastwsss[coco]' (or pycocotools)")
     if crowd not in CROWD_MODES:
@@ -485,9 +488,9 @@ def main(argv: list[str] | None = None) -> dict:
         part = f", val_part.txt: {s['val_part']}" if "val_part" in s else ""
         print(f"{name}: {s['images']} images ({s['written']} masks written, {s['kept']} kept), "
               f"{s['split']}.txt: {s['listed']}, {s['split']}_unannotated.txt: {s['unannotated']}{part}; "
-              f"{s['crowd_annotations']} crowd annotations")
+              f"{s['crowd_annotations']} crowd annotation(s)")
         if s["empty_segmentations"]:
-            print(f"  {s['empty_segmentations']} annotations have an empty segmentation (they cover nothing)")
+            print(f"  {s['empty_segmentations']} annotation(s) with an empty segmentation (they cover nothing)")
         if s["missing_images"]:
             print(f"  {s['missing_images']} listed images are not in {Path(args.root) / 'JPEGImages' / name}: put "
                   f"(or link) COCO's {name} folder there, e.g. ln -s /path/to/coco/{name} "
