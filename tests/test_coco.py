@@ -22,6 +22,9 @@ from fastwsss.training import train
 
 from conftest import TINY_OVERRIDES
 
+# pycocotools' decode under numpy 2 (its own code, harmless: the array is copied)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
 # category ids out of order and with gaps: ascending id -> 1..4 (3 -> 1, 17 -> 2, 44 -> 3, 90 -> 4)
 CATEGORIES = [{"id": 90, "name": "toothbrush"}, {"id": 3, "name": "car"}, {"id": 44, "name": "bottle"},
               {"id": 17, "name": "cat"}]
@@ -350,6 +353,9 @@ def test_command_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: annotation file not found") and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("fastwsss ")
 
 
 def test_coco_configs_train_on_val_part_and_evaluate_on_val():

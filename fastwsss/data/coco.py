@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .. import version_string
 from ..files import DirLock, DirLockedError, atomic_write, remove_stale_temps
 from ..visualize import voc_palette
 from .datasets import IGNORE_INDEX, DataError
@@ -475,6 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="remake masks already written, and allow other "
                         "settings than an earlier conversion into --root")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--version", action="version", version=version_string())
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
