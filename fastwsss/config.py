@@ -35,7 +35,8 @@ class DataConfig:
     dataset: str = "voc"
     root: str = "data/VOC2012"
     train_split: str = "train_aug"
-    val_split: str = "val"
+    val_split: str = "val"  # evaluated during training (COCO: val_part, a fixed subset, as the reference)
+    eval_split: str | None = None  # what `python -m fastwsss.evaluate` scores by default; None = val_split
     num_classes: int = 21  # including background
     crop_size: int = 448
     rescale_range: tuple[float, float] = (0.5, 2.0)
@@ -244,6 +245,11 @@ def validate(cfg: Config) -> Config:
             errors.append(f"{key}={scales} must be one or more positive scales")
     if cfg.data.dataset == "folder" and not cfg.data.labels:
         errors.append("data.dataset=folder reads its images and labels from data.labels (a CSV or .npy): set it")
+    for key in ("train_split", "val_split", "eval_split"):
+        split = getattr(cfg.data, key)
+        if split is not None and (not split.strip() or split != split.strip()):
+            errors.append(f"data.{key}={split!r} must name a split list (ImageSets/.../<name>.txt), without spaces "
+                          "around it")
     if cfg.data.num_classes < 2:
         errors.append(f"data.num_classes={cfg.data.num_classes} must count background plus at least one class")
     lo, hi = cfg.data.rescale_range

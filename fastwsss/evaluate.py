@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="with --predictions and no --checkpoint: the config naming the data, a packaged config's "
                              "name (python -m fastwsss.train --help lists them) or a YAML file")
     parser.add_argument("--predictions", help="folder of <name>.png class-index predictions to evaluate instead")
-    parser.add_argument("--split", help="split list name (default: data.val_split)")
+    parser.add_argument("--split", help="split list name (default: data.eval_split, else data.val_split; COCO: the "
+                                        "whole val, while training evaluates val_part)")
     parser.add_argument("--modes", default="seg", help=f"comma-separated, from {', '.join(EVAL_MODES)}")
     parser.add_argument("--crf", action="store_true", help="also evaluate seg after the dense CRF (infer.crf_*)")
     parser.add_argument("--max-images", type=int, default=0, help="first N images only (0 = the whole split)")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         cfg = load_config(args.config, args.overrides) if args.config else load_config(None, args.overrides)
         model, iteration = None, None
-    split = args.split or cfg.data.val_split
+    split = args.split or cfg.data.eval_split or cfg.data.val_split
     items = open_split(cfg.data, split)
     names = class_names(cfg.data)
     info = {"checkpoint": args.checkpoint, "iteration": iteration, "split": split, "data_root": cfg.data.root}

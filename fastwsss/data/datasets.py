@@ -3,7 +3,9 @@
 Layouts (SPEC §9):
 - ``voc``: ``JPEGImages/<name>.jpg``, ``SegmentationClassAug/<name>.png``, lists ``ImageSets/Segmentation/<split>.txt``.
 - ``coco``: ``JPEGImages/{train2014,val2014}/<name>.jpg``, ``SegmentationClass/{train2014,val2014}/<name>.png``
-  (VOC-style class indices), lists ``ImageSets/<split>.txt``; the subset folder is read off the name.
+  (VOC-style class indices), lists ``ImageSets/<split>.txt``; the subset folder is read off the name
+  (``COCO_val2014_...``), or off the list line (``val2017/000000000139``). ``python -m fastwsss.data.coco`` makes
+  the masks and lists from COCO's annotation files.
 
 Image-level labels are never a separate download: each mask's class pixel counts are scanned once and cached
 (``<root>/.fastwsss_cache``, or ``~/.cache/fastwsss`` when the root is read-only).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -85,6 +88,7 @@ class SegmentationList:
         classes = class_names or [f"class_{i}" for i in range(num_classes)]
         if len(classes) != num_classes:
             raise DataError(f"{len(classes)} class names for data.num_classes={num_classes}")
+        self._folders: dict[str, str] = {}
         if layout == "folder":
             self.list_path = Path(labels)
             self.names, file_labels, self._files = read_label_file(labels, classes, images=self.root)
@@ -95,6 +99,9 @@ class SegmentationList:
             lines = [ln.split()[0] for ln in list_path.read_text().splitlines() if ln.strip()]
             self.names = [Path(ln).stem for ln in lines]
             self.list_path = list_path
+            # coco: a line may name the subset folder (``val2017/000000000139``: 2017's names do not carry it)
+            if layout == "coco":
+                self._folders = {Path(ln).stem: Path(ln).parent.name for ln in lines if Path(ln).parent.name}
             if labels is not None:
                 listed, table, _ = read_label_file(labels, classes)
                 rows = {n: i for i, n in enumerate(listed)}
@@ -123,10 +130,15 @@ class SegmentationList:
             raise DataError(f"{len(missing)} {kind}(s) of {self.list_path} not found: {', '.join(missing[:3])}{more}")
 
     def _subset(self, name: str) -> str:
-        for subset in ("train2014", "val2014"):
-            if subset in name:
-                return subset
-        raise DataError(f"COCO image name {name!r} names neither train2014 nor val2014")
+        """The folder of a COCO image: the list line's (``val2017/<name>``), else the one its name carries
+        (``COCO_train2014_<id>``)."""
+        if name in self._folders:
+            return self._folders[name]
+        found = re.search(r"(?:train|val|test)\d{4}", name)
+        if found:
+            return found.group(0)
+        raise DataError(f"COCO image name {name!r} names no subset folder (like COCO_train2014_...) and its line in "
+                        f"{self.list_path} gives none (like val2017/{name})")
 
     def image_path(self, name: str) -> Path:
         if self.layout == "folder":
