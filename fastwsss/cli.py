@@ -11,13 +11,15 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError, LabelFileError
 from .files import DirLockedError
+from .runtime import shutdown_distributed
 
 USER_ERRORS = (ConfigError, DataError, LabelFileError, CheckpointError, DirLockedError, FileNotFoundError,
                FileExistsError)
 
 
 def user_errors(main: Callable) -> Callable:
-    """Wrap a command's ``main``: the errors a user can fix become ``error: <message>`` and exit status 2."""
+    """Wrap a command's ``main``: the errors a user can fix become ``error: <message>`` and exit status 2; under
+    torchrun the process group is left when the command ends."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
@@ -25,5 +27,7 @@ def user_errors(main: Callable) -> Callable:
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        finally:
+            shutdown_distributed()
 
     return wrapped

@@ -25,7 +25,7 @@ from .data import EvalDataset, class_names, open_split
 from .inference.evaluation import CRF_MODE, EVAL_MODES, evaluate_model, evaluate_predictions
 from .inference.metrics import format_table, results_json
 from .inference.predict import load_model, make_crf_runner, multiscale_seg_logits
-from .runtime import make_autocast, resolve_device
+from .runtime import init_distributed, make_autocast
 
 
 @user_errors
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     if args.checkpoint is not None:
         model, cfg, iteration = load_model(args.checkpoint, args.overrides)
-        device = resolve_device(cfg.train.device)
+        dist, device = init_distributed(cfg.train.device)  # under torchrun: each process scores its share
         model.to(device)
     else:
         cfg = load_config(args.config, args.overrides) if args.config else load_config(None, args.overrides)
@@ -95,16 +95,19 @@ def main(argv: list[str] | None = None) -> dict:
                 high_thresh=c.high_thresh, low_thresh=c.low_thresh, device=device, autocast=autocast,
                 num_vis=args.num_vis if args.vis else 0, vis_path=args.vis, num_workers=i.num_workers,
                 par_dilations=tuple(c.par_dilations), par_num_iter=c.par_num_iter, par_backend=cfg.kernels.backend,
-                round_denorm=cfg.quirks.round_denorm, seg_fn=seg_fn, crf=crf, save_dir=args.save_predictions, progress=True)
+                round_denorm=cfg.quirks.round_denorm, seg_fn=seg_fn, crf=crf, save_dir=args.save_predictions,
+                progress=True, dist=dist)
         finally:
             if crf is not None:
                 crf.close()
         info.update(num_images=len(dataset), fusion=i.fusion, scales=list(i.scales),
                     crf_impl=i.crf_impl if args.crf else None)
     info["seconds"] = round(time.time() - t0, 1)
+    out = results_json(results, names, **info)
+    if args.checkpoint is not None and not dist.main:
+        return out
     print(f"{split}: {info.get('num_images', len(items.names))} images, {info['seconds']} s; IoU %:")
     print(format_table(names, results))
-    out = results_json(results, names, **info)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))

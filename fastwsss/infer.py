@@ -32,7 +32,7 @@ from . import version_string
 from .cli import user_errors
 from .inference.export import list_images, print_summary, run, split_items
 from .inference.predict import load_model
-from .runtime import resolve_device
+from .runtime import init_distributed
 
 
 @user_errors
@@ -58,13 +58,14 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--pseudo needs --split: pseudo labels use the split's image-level labels")
 
     model, cfg, iteration = load_model(args.checkpoint, args.overrides)
-    device = resolve_device(cfg.train.device)
+    dist, device = init_distributed(cfg.train.device)  # under torchrun: each process predicts its share
     model.to(device)
     items = list_images(args.images) if args.images else split_items(cfg, args.split)
     info = {"checkpoint": args.checkpoint, "iteration": iteration, "source": args.images or f"split {args.split}"}
     summary = run(cfg, model, items, args.out, device=device, pseudo=args.pseudo, crf=args.crf, overlay=args.overlay,
-                  logits=args.logits, num_vis=args.vis, overwrite=args.overwrite, info=info)
-    print_summary(summary)
+                  logits=args.logits, num_vis=args.vis, overwrite=args.overwrite, info=info, dist=dist)
+    if dist.main:
+        print_summary(summary)
     return summary
 
 

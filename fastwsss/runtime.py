@@ -84,6 +84,12 @@ def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     return Dist(rank, world, local), device
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group at the end of a command (nothing to do without torchrun)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """The sum over every process (in place; a no-op for one process)."""
     if d.enabled:

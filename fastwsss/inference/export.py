@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ..data import IGNORE_INDEX, DataError, class_names, open_split, read_image
 from ..data.transforms import normalize
 from ..files import DirLock, atomic_write, remove_stale_temps
 from ..pseudo import multiscale_cams, refine_seg_label
-from ..runtime import make_autocast
+from ..runtime import ONE_PROCESS, Dist, all_gather_objects, broadcast_object, make_autocast, shard
 from ..visualize import cam_tiles, colorize, heatmap, overlay, palette_image, save_grid
 from .predict import make_crf_runner, multiscale_seg_logits
 
@@ -147,27 +148,35 @@ class _Writer:
 
 def run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: str | Path, *, device: torch.device,
         pseudo: bool = False, crf: bool = False, overlay: bool = False, logits: str | None = None, num_vis: int = 0,
-        overwrite: bool = False, info: dict | None = None) -> dict:
-    """Predict ``items`` into ``out`` (layout: module docstring); returns the summary (also ``out/summary.json``)."""
+        overwrite: bool = False, info: dict | None = None, dist: Dist = ONE_PROCESS) -> dict:
+    """Predict ``items`` into ``out`` (layout: module docstring); returns the summary (also ``out/summary.json``).
+
+    Under torchrun (``dist``) the first process locks ``out`` and lists the images still to do; each process predicts
+    a contiguous share of them and the summary adds up every process's (the grid shows the first process's)."""
     if pseudo and crf:
         raise ValueError("--pseudo writes PAR-refined CAM labels; --crf applies to segmentation only")
     if pseudo and any(it.cls_label is None for it in items):
         raise ValueError("--pseudo needs image-level labels: give --split (a split of the config's dataset)")
     if logits not in (None, "npy", "pt"):
         raise ValueError(f"logits={logits!r} is not one of npy, pt")
-    with DirLock(out, "output folder"):
-        remove_stale_temps(out, recursive=True)
+    with DirLock(out, "output folder") if dist.main else nullcontext():
+        if dist.main:
+            remove_stale_temps(out, recursive=True)
         return _run(cfg, model, items, Path(out), device=device, pseudo=pseudo, crf=crf, overlay=overlay,
-                    logits=logits, num_vis=num_vis, overwrite=overwrite, info=info)
+                    logits=logits, num_vis=num_vis if dist.main else 0, overwrite=overwrite, info=info, dist=dist)
 
 
 def _run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: Path, *, device: torch.device,
          pseudo: bool, crf: bool, overlay: bool, logits: str | None, num_vis: int, overwrite: bool,
-         info: dict | None) -> dict:
+         info: dict | None, dist: Dist) -> dict:
     names = class_names(cfg.data)
     write = _Writer(out, overlay=overlay, logits=logits, num_vis=num_vis, names=names)
-    todo = [it for it in items if overwrite or not write.mask_path(it.name).is_file()]
+    # the list is the first process's, made before anyone writes: the shares neither overlap nor miss an image
+    todo = broadcast_object([i for i, it in enumerate(items) if overwrite or not write.mask_path(it.name).is_file()]
+                            if dist.main else None, dist)
     skipped = len(items) - len(todo)
+    share = shard(len(todo), dist)
+    todo = [items[i] for i in todo[share.start:share.stop]]
     autocast = make_autocast(cfg.train.precision, device)
     i, c = cfg.infer, cfg.cam
     patch = model.backbone.patch_embed.patch_size[0]
@@ -180,7 +189,8 @@ def _run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: Path,
     done = 0
     t0 = time.time()
     loader = DataLoader(ImageFiles(todo), batch_size=None, num_workers=min(i.num_workers, len(todo)))
-    bar = tqdm(total=len(todo), desc="pseudo labels" if pseudo else "infer", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=len(todo), desc="pseudo labels" if pseudo else "infer", dynamic_ncols=True, mininterval=1.0,
+               disable=not dist.main)
 
     def finish(name: str, label: np.ndarray) -> None:
         nonlocal done
@@ -232,6 +242,9 @@ def _run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: Path,
             runner.close()
     grid = write.save_grid()
     seconds = time.time() - t0
+    shares = all_gather_objects({"done": done, "failures": failures, "seconds": seconds}, dist)
+    done, seconds = sum(r["done"] for r in shares), max(r["seconds"] for r in shares)
+    failures = [f for r in shares for f in r["failures"]]
     summary = {
         **(info or {}), "out": str(out), "mode": "pseudo" if pseudo else "seg",
         "fusion": None if pseudo else i.fusion, "scales": list(c.scales if pseudo else i.scales),
@@ -239,8 +252,10 @@ def _run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: Path,
         "failed": len(failures), "seconds": round(seconds, 2),
         "images_per_s": round(done / seconds, 3) if done and seconds > 0 else None,
         "grid": str(grid) if grid else None, "failures": failures,
+        **({"processes": dist.world_size} if dist.enabled else {}),
     }
-    atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    if dist.main:
+        atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     return summary
 
 

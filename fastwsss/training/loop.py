@@ -154,8 +154,6 @@ def train(cfg: Config) -> dict:
         resume = None
         run_dir = Path(cfg.run.dir or Path("runs") / cfg.name / time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(broadcast_object(str(run_dir), dist))  # the first process's clock names the run
-    if restarted and resume is not None and dist.main:
-        log.warning("torchrun restart %s: resuming from %s", os.environ["TORCHELASTIC_RESTART_COUNT"], resume["path"])
     with DirLock(run_dir, "run directory") if dist.main else nullcontext():
         problem = None
         if dist.main and resume is None and (run_dir / "checkpoints" / "last.pt").exists():
@@ -183,9 +181,14 @@ def check_processes(cfg: Config, dist: Dist) -> None:
         diff = [f"  rank 0: {a}\n  rank {other}: {b}" for a, b in zip(configs[0].splitlines(),
                                                                       configs[other].splitlines()) if a != b]
         raise ValueError(f"process {other} has another config than process 0:\n" + "\n".join(diff[:10]))
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and not (cfg.run.dir or cfg.run.resume):
-        raise ValueError("torchrun --max-restarts needs run.dir=... (a fixed run directory): a restarted job resumes "
-                         "from its last checkpoint there")
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        if not (cfg.run.dir or cfg.run.resume):
+            raise ValueError("torchrun --max-restarts needs run.dir=... (a fixed run directory): a restarted job "
+                             "resumes from its last checkpoint there")
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            raise ValueError("torchrun --max-restarts: run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
+                             "environment. Otherwise the restarted processes share the failed attempt's store and "
+                             "connect to its dead addresses (pytorch/pytorch#135712, #167288; README 'Many GPUs')")
 
 
 def _train(cfg: Config, run_dir: Path, resume: dict | None, dist: Dist, device: torch.device) -> dict:
@@ -215,6 +218,9 @@ def _train(cfg: Config, run_dir: Path, resume: dict | None, dist: Dist, device: 
         scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"])
         step = resume["iteration"]
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0":
+            log.warning("torchrun restart %s: resuming from the last checkpoint", restart)
         log.info("resumed from %s at iteration %d (written by %s process(es), now %d)", resume["path"], step,
                  resume.get("world_size", 1), dist.world_size)
     step_module = TrainStep(model, cfg, dist)
