@@ -100,6 +100,12 @@ def assert_same_training(a: Path, b: Path) -> None:
             assert lb[step][key] == pytest.approx(value, rel=1e-4, abs=1e-9), (step, key)
 
 
+def assert_grad_accum_trains_like_one_batch(config: Path, tmp_path: Path) -> None:
+    """train.grad_accum=2 ends as the run at tmp_path / "one" (the whole batch at once) does."""
+    run_here(config, tmp_path / "accum", "train.grad_accum=2")
+    assert_same_training(tmp_path / "one", tmp_path / "accum")
+
+
 def test_cam_two_processes_then_one(config_file, tmp_path):
     """CAM: 2 processes x 2 images == 1 process x 4; the 2-process checkpoint resumes in 1 process; grad_accum=2."""
     config = config_file("cam", "train.max_iters=4")
@@ -110,8 +116,7 @@ def test_cam_two_processes_then_one(config_file, tmp_path):
     assert_same_training(tmp_path / "one_half", tmp_path / "two")
     train_main([f"run.resume={tmp_path / 'two'}"])  # 2 -> 1 process
     assert_same_training(tmp_path / "one", tmp_path / "two")
-    run_here(config, tmp_path / "accum", "train.grad_accum=2")
-    assert_same_training(tmp_path / "one", tmp_path / "accum")
+    assert_grad_accum_trains_like_one_batch(config, tmp_path)
 
 
 def test_toco_one_process_then_two(config_file, tmp_path):
@@ -122,8 +127,7 @@ def test_toco_one_process_then_two(config_file, tmp_path):
     torchrun("fastwsss.train", f"run.resume={tmp_path / 'two'}")  # 1 -> 2 processes
     assert load_checkpoint(tmp_path / "two")["world_size"] == 2
     assert_same_training(tmp_path / "one", tmp_path / "two")
-    run_here(config, tmp_path / "accum", "train.grad_accum=2")
-    assert_same_training(tmp_path / "one", tmp_path / "accum")
+    assert_grad_accum_trains_like_one_batch(config, tmp_path)
 
 
 def test_mcc_two_processes(config_file, tmp_path):
@@ -131,8 +135,7 @@ def test_mcc_two_processes(config_file, tmp_path):
     run_here(config, tmp_path / "one")
     torchrun("fastwsss.train", "--config", str(config), f"run.dir={tmp_path / 'two'}")
     assert_same_training(tmp_path / "one", tmp_path / "two")
-    run_here(config, tmp_path / "accum", "train.grad_accum=2")
-    assert_same_training(tmp_path / "one", tmp_path / "accum")
+    assert_grad_accum_trains_like_one_batch(config, tmp_path)
 
 
 def test_killed_worker_resumes_under_max_restarts(config_file, tmp_path):
