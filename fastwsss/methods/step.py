@@ -79,7 +79,8 @@ def compute_losses(model: WSSSNet, batch: dict, step: int, cfg: Config) -> dict[
         aff_label = affinity_label(cams_aux, cls_label, img_box, out.feat.shape[-2:], high_thresh=hi, low_thresh=lo,
                                    scale_box_to_grid=cfg.quirks.scale_box_to_grid)
         feats = out.feat.flatten(2).transpose(1, 2)  # [B, N, D]
-        losses["aff"] = Term(token_affinity_loss(feats, aff_label, backend=backend), w["aff"])
+        losses["aff"] = Term(token_affinity_loss(feats, aff_label, backend=backend,
+                                                  num_classes=cfg.data.num_classes), w["aff"])
     if w["con"]:
         local_tokens, local_flags = LOCAL_VIEWS[cfg.train.method](model, batch, cams, cams_aux, step, cfg)
         g2 = forward_features(model.backbone, batch["global2"], model.aux_layer)[0]
