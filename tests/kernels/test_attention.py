@@ -360,23 +360,24 @@ def assert_same_non_finite(out, ref, tol, what):
                  where=ref_fin)
 
 
-LENGTHS = [3, 6, 1, 7, 4, 5]  # 26 rows: one tile of every kernel; sequence 1 is rows 3..8
+LENGTHS = [3, 6, 1, 7, 4, 5]  # 26 rows: one tile of every kernel; sequence 1 is rows 3..8, sequence 2 row 9
 
 
+@pytest.mark.parametrize("row", [5, 9], ids=["seq-of-6", "singleton"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("where", ["q", "k", "v", "dout"])
-def test_varlen_non_finite_stays_in_its_sequence(where, bad):
+def test_varlen_non_finite_stays_in_its_sequence(where, bad, row):
     """A NaN / ±inf in one packed sequence (q, k, v, or the upstream gradient) leaves the other sequences of its tile
     exactly as without it, forward and backward (before: 0·NaN in the tile's dots poisoned them); inside its sequence
     the Triton path is non-finite exactly where the reference is (including an infinite key that scores −inf for
-    some queries: they ignore it, as in the reference)."""
+    some queries: they ignore it, as in the reference; and a query whose only key scores −inf: NaN, as there)."""
     gen = torch.Generator().manual_seed(7)
     T, H, D = sum(LENGTHS), 2, 16
     cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
     clean = [torch.randn(T, H, D, generator=gen) for _ in range(3)]
     g = torch.randn(T, H, D, generator=gen)
     inputs, g_bad = [x.clone() for x in clean], g.clone()
-    (g_bad if where == "dout" else inputs["qkv".index(where)])[5, 1, 3] = bad
+    (g_bad if where == "dout" else inputs["qkv".index(where)])[row, 1, 3] = bad
     run = partial(_poisoned_run, lambda q, k, v: varlen_attention(q, k, v, cu.to(DEVICE), backend="triton"),
                   lambda q, k, v: varlen_attention_ref(q, k, v, cu))
     out, ref, grads, ref_grads = run(inputs, g_bad)
@@ -385,7 +386,7 @@ def test_varlen_non_finite_stays_in_its_sequence(where, bad):
     for name, a, b in zip("qkv", grads, ref_grads, strict=True):
         assert_same_non_finite(a, b, 2e-4, f"d{name}")
     other = torch.ones(T, dtype=torch.bool)
-    other[3:9] = False
+    other[slice(3, 9) if row == 5 else slice(9, 10)] = False  # the poisoned row's sequence
     out_clean, _, grads_clean, _ = run(clean, g)
     assert torch.equal(out[other], out_clean[other])  # bit for bit: the poisoned rows add exact zeros
     for name, a, b in zip("qkv", grads, grads_clean, strict=True):
