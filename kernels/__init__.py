@@ -2,15 +2,16 @@
 
 Depends on torch (and triton) only; nothing here imports the rest of fastwsss, so the ops drop into any ViT.
 Each public op takes ``backend="auto"|"triton"|"torch"``; ``device_reasons`` and ``resolve_backend`` make the same
-choice for a caller's own code path (see ``_backend.py``).
+choice for a caller's own code path, and ``backends_used()`` says which backend each op resolved to (see
+``_backend.py``).
 """
 
-from ._backend import device_reasons, resolve_backend
+from ._backend import backends_used, device_reasons, resolve_backend
 from .affinity import token_affinity_loss, token_affinity_sums
 from .attention import MaskedKeyAttention, masked_key_attention, swap_attention, varlen_attention
 from .lattice import PermutohedralLattice, bilateral_features, permutohedral_filter, position_features
 from .par import par, par_affinity, par_propagate
 
-__all__ = ["MaskedKeyAttention", "PermutohedralLattice", "bilateral_features", "device_reasons", "masked_key_attention",
-           "par", "par_affinity", "par_propagate", "permutohedral_filter", "position_features", "resolve_backend",
-           "swap_attention", "token_affinity_loss", "token_affinity_sums", "varlen_attention"]
+__all__ = ["MaskedKeyAttention", "PermutohedralLattice", "backends_used", "bilateral_features", "device_reasons",
+           "masked_key_attention", "par", "par_affinity", "par_propagate", "permutohedral_filter", "position_features",
+           "resolve_backend", "swap_attention", "token_affinity_loss", "token_affinity_sums", "varlen_attention"]

@@ -33,7 +33,6 @@ def label_pipeline(model, batch, cfg) -> dict[str, torch.Tensor]:
     c = cfg.cam
     out = model(x)
     cams, cams_aux = multiscale_cams(model, x, tuple(c.scales), outputs=out)
-    torch.manual_seed(0)  # ToCo draws its crop centres from the roi
     _, toco_flags = toco_local_views(model, batch, cams, cams_aux, 0, cfg)
     _, mcc_flags = mcc_local_views(model, batch, cams, cams_aux, 0, cfg)
     return {
@@ -63,6 +62,7 @@ def test_label_pipeline_is_fp32_under_autocast(tiny_config, monkeypatch, feature
         "img": torch.randn(B, 3, S, S, generator=g), "local": torch.randn(B, 3, S, S, generator=g),
         "cls_label": torch.tensor([[1.0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 1]]),
         "img_box": torch.tensor([[0, S, 0, S], [2, S - 3, 0, S], [0, S, 5, S - 1]]),
+        "position": torch.arange(B),
         "key_keep": torch.from_numpy(random_key_masks(np.random.default_rng(0), B * 3, (grid, grid), 0.5, 1)
                                      ).view(B, 3, -1),
     }

@@ -147,7 +147,8 @@ def loss_terms(model: WSSSNet, batch: dict, step: int, cfg: Config, targets: Tar
                 backend=backend, num_images=float(images)), w["reg"])
     if w["aff"]:
         feats = out.feat.flatten(2).transpose(1, 2)  # [b, N, D]
-        sp, _, sn, _ = token_affinity_sums(feats, targets.aff_label, backend=backend).unbind()
+        sp, _, sn, _ = token_affinity_sums(feats, targets.aff_label, backend=backend,
+                                           num_classes=cfg.data.num_classes).unbind()
         aff = 0.5 * (1.0 / parts - sp / (pos + 1)) + 0.5 * sn / (neg + 1)  # the constant 0.5 shared by the parts
         losses["aff"] = Term(aff.to(out.feat.dtype), w["aff"])
     if w["con"]:

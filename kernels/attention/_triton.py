@@ -93,6 +93,13 @@ def _load_lse_delta(lse_ptrs, delta_ptrs, ok):
 
 
 @triton.jit
+def _finite(x):
+    """x with its NaN / ±inf set to 0. Packed tiles hold several sequences: a dot whose other operand is 0 on the
+    pairs of different sequences (P here) would still carry a NaN / ±inf across as 0·NaN (see varlen_attention_fwd)."""
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
+
+
+@triton.jit
 def _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
     """Fold one key block into the running (max, sum, acc) of each query row; ok: pairs that may attend."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -107,35 +114,43 @@ def _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl
 
 
 @triton.jit
-def _finish(m_i, l_i, acc):
-    """out = acc / l, lse2 = m + log2(l); a row that saw no key: out 0, lse2 +inf (so exp2(s − lse2) = 0)."""
+def _finish(m_i, l_i, acc, has_keys):
+    """out = acc / l, lse2 = m + log2(l). A row with no key to see (has_keys false: a mask with none visible): out 0,
+    lse2 +inf (so exp2(s − lse2) = 0). A row whose keys all scored −inf, or that met a NaN / +inf score: out and
+    lse2 NaN, as the reference's softmax (and so P = NaN for its keys in the backward, as there)."""
     seen = l_i > 0
-    l_safe = tl.where(seen, l_i, 1.0)
-    return acc / l_safe[:, None], tl.where(seen, m_i + tl.log2(l_safe), float("inf"))
+    l_safe = tl.where(seen, l_i, tl.where(has_keys, float("nan"), 1.0))  # per row: no [BLOCK_Q, BLOCK_D] select
+    return acc / l_safe[:, None], tl.where(seen, m_i + tl.log2(l_safe), tl.where(has_keys, float("nan"), float("inf")))
 
 
 @triton.jit
-def _score_grads(q, k, v, do, lse, delta, ok, qk_scale, DOT_PRECISION: tl.constexpr):
-    """P and dS = P ∘ (dO·Vᵀ − δ) of one [query block, key block] tile (dS w.r.t. the scaled scores)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+def _scores(q, k, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Base-2 scores s2 = scale·log2(e)·q·kᵀ of one [query block, key block] tile."""
+    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+
+
+@triton.jit
+def _score_grads(s, v, do, lse, delta, ok, DOT_PRECISION: tl.constexpr):
+    """P and dS = P ∘ (dO·Vᵀ − δ) of one tile from its scores (dS w.r.t. the scaled scores); both exactly 0 on the
+    pairs outside ok (not P·(…): a NaN in dP or δ stays in its own pairs)."""
     p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    return p, p * (dp - delta[:, None])
+    return p, tl.where(ok, p * (dp - delta[:, None]), 0.0)
 
 
 @triton.jit
 def _dkdv_step(q, k, v, do, lse, delta, ok, dk, dv, qk_scale, DOT_PRECISION: tl.constexpr):
     """Add one query block's contribution to a key block's dK (w.r.t. the scaled scores) and dV."""
-    p, ds = _score_grads(q, k, v, do, lse, delta, ok, qk_scale, DOT_PRECISION)
+    p, ds = _score_grads(_scores(q, k, qk_scale, DOT_PRECISION), v, do, lse, delta, ok, DOT_PRECISION)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _dq_step(q, k, v, do, lse, delta, ok, dq, qk_scale, DOT_PRECISION: tl.constexpr):
-    """Add one key block's contribution to a query block's dQ (w.r.t. the scaled scores)."""
-    _, ds = _score_grads(q, k, v, do, lse, delta, ok, qk_scale, DOT_PRECISION)
+def _dq_step(s, k, v, do, lse, delta, ok, dq, DOT_PRECISION: tl.constexpr):
+    """Add one key block's contribution (scores s) to a query block's dQ (w.r.t. the scaled scores)."""
+    _, ds = _score_grads(s, v, do, lse, delta, ok, DOT_PRECISION)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
@@ -181,7 +196,7 @@ def masked_key_attention_fwd_kernel(
         _, k_ok, kid = _visible_keys(KEY_IDX + bm * N, start, count, BLOCK_K)
         k, v = _load_pair(k_base, v_base, kid, stride_kn, stride_vn, offs_d, k_ok[:, None] & d_ok[None, :], UPCAST)
         m_i, l_i, acc = _online_softmax_step(q, k, v, k_ok[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
-    out, lse = _finish(m_i, l_i, acc)
+    out, lse = _finish(m_i, l_i, acc, count > 0)
     tl.store(OUT + b * stride_ob + m * stride_om + h * stride_oh + offs_q[:, None] * stride_on + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid * N + offs_q, lse, mask=q_ok)
@@ -264,7 +279,8 @@ def masked_key_attention_bwd_kernel(
         for start in range(0, count, BLOCK_K):
             _, k_ok, kid = _visible_keys(KEY_IDX + bm * N, start, count, BLOCK_K)
             k, v = _load_pair(k_base, v_base, kid, stride_kn, stride_vn, offs_d, k_ok[:, None] & d_ok[None, :], UPCAST)
-            dq = _dq_step(q, k, v, do, lse, delta, q_ok[:, None] & k_ok[None, :], dq, qk_scale, DOT_PRECISION)
+            dq = _dq_step(_scores(q, k, qk_scale, DOT_PRECISION), k, v, do, lse, delta, q_ok[:, None] & k_ok[None, :],
+                          dq, DOT_PRECISION)
     out_rows = (pid * N + offs_q)[:, None] * D + offs_d[None, :]  # DQ, DK, DV: contiguous [B, H, N, D]
     tl.store(DQ + out_rows, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
     dk = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
@@ -388,9 +404,9 @@ def varlen_attention_fwd_kernel(
         offs_k, k_ok, seg_k = _packed_rows(SEG, start, hi, BLOCK_K, -2)
         k, v = _load_pair(K + h * stride_kh, V + h * stride_vh, offs_k, stride_kt, stride_vt, offs_d,
                           k_ok[:, None] & d_ok[None, :], UPCAST)
-        ok = seg_q[:, None] == seg_k[None, :]
-        m_i, l_i, acc = _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
-    out, lse = _finish(m_i, l_i, acc)
+        ok = seg_q[:, None] == seg_k[None, :]  # q, k as they are: a non-finite one only reaches its row / column of S
+        m_i, l_i, acc = _online_softmax_step(q, k, _finite(v), ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+    out, lse = _finish(m_i, l_i, acc, q_ok)  # a packed row's sequence holds at least that row
     tl.store(OUT + offs_q[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=q_ok[:, None] & d_ok[None, :])
     tl.store(LSE + offs_q * H + h, lse, mask=q_ok)
@@ -428,13 +444,14 @@ def varlen_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def varlen_attention_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, SEG, CU, DQ,
+    Q, K, V, DO, LSE, DELTA, SEG, CU, DQ, KEY_BAD,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     T, H, D, qk_scale, scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Program (row tile, h): dQ of a tile of packed rows, summed over the keys of their sequences."""
+    """Program (row tile, h): dQ of a tile of packed rows, summed over the keys of their sequences. KEY_BAD [T, H]
+    int8: the keys whose k held a NaN / ±inf (zeroed in K): their score is −inf (see varlen_attention_bwd)."""
     first_row, h, offs_q, q_ok, seg_q = _packed_tile(SEG, T, BLOCK_Q, -1)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -447,14 +464,29 @@ def varlen_attention_bwd_kernel(
         offs_k, k_ok, seg_k = _packed_rows(SEG, start, hi, BLOCK_K, -2)
         k, v = _load_pair(K + h * stride_kh, V + h * stride_vh, offs_k, stride_kt, stride_vt, offs_d,
                           k_ok[:, None] & d_ok[None, :], UPCAST)
-        dq = _dq_step(q, k, v, do, lse, delta, seg_q[:, None] == seg_k[None, :], dq, qk_scale, DOT_PRECISION)
+        bad = tl.load(KEY_BAD + offs_k * H + h, mask=k_ok, other=0) != 0
+        s = tl.where(bad[None, :], float("-inf"), _scores(q, k, qk_scale, DOT_PRECISION))
+        dq = _dq_step(s, k, v, do, lse, delta, seg_q[:, None] == seg_k[None, :], dq, DOT_PRECISION)
     rows = (offs_q * H + h)[:, None] * D + offs_d[None, :]
     tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+def _in_sequence_of_non_finite(finite: Tensor, seg: Tensor, num_seqs: int) -> Tensor:
+    """finite [T, H, D] bool (``isfinite`` of q, k, v or dO) -> bool [T, H, D]: whether some row of each row's
+    sequence holds a NaN / ±inf at that (head, dim). Segment sums, no host sync: where the reference's products
+    carry such a value through its whole sequence and the kernels, which zeroed it, did not."""
+    seg = seg.long()
+    bad = torch.zeros(num_seqs, *finite.shape[1:], dtype=torch.float32, device=finite.device)
+    return bad.index_add_(0, seg, (~finite).float())[seg] > 0
+
+
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, seg: Tensor, cu_seqlens: Tensor,
                          scale: float) -> tuple[Tensor, Tensor]:
-    """-> out [T, H, D] contiguous (q's dtype), lse2 [T, H] fp32."""
+    """-> out [T, H, D] contiguous (q's dtype), lse2 [T, H] fp32. Non-finite values stay in their sequence and reach
+    exactly the outputs the reference's do: q, k score as they are (a row with a NaN or +inf score, or only −inf
+    ones, is NaN; an infinite key scoring −inf is ignored by that query); v is read with NaN / ±inf as 0 (P·V would
+    carry them into the other sequences of a tile as 0·NaN) and they are set here, NaN at their (head, dim) on every
+    row of their sequence."""
     q, k, v = _row_view(q), _row_view(k), _row_view(v)
     T, H, D = q.shape
     out = _alloc(T, H, D, like=q)
@@ -466,23 +498,40 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, seg: Tensor, cu_seqlen
         q, k, v, seg, cu_seqlens, out, lse, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         T, H, D, scale * LOG2E, **cfg, **_launch_opts(q.dtype),
     )
-    return out, lse
+    return out.masked_fill_(_in_sequence_of_non_finite(torch.isfinite(v), seg, cu_seqlens.numel() - 1),
+                            float("nan")), lse
 
 
 def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seg: Tensor,
                          cu_seqlens: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv [T, H, D] contiguous, in q's dtype."""
+    """-> dq, dk, dv [T, H, D] contiguous, in q's dtype.
+
+    Non-finite values are kept in their sequence as in the forward. The kernels get q, k, dO with NaN / ±inf set to
+    0: q's and dO's change nothing of their own rows (a non-finite q made its row's lse2 NaN, so P = NaN there
+    whatever the score; a non-finite dO makes its row's δ = dO·O non-finite), k's take the −inf score the key had
+    for every query whose lse2 is finite (a NaN or +inf score would have made it NaN) through KEY_BAD (dK/dV tiles
+    score with k as it is). What a zeroed operand's sum would have carried is set here: NaN at the (head, dim) of
+    every row of its sequence, in dQ for k, dK for q, dV for dO."""
     q, k, v, dout = _row_view(q), _row_view(k), _row_view(v), _row_view(dout)
     T, H, D = q.shape
     dq, dk, dv = (_alloc(T, H, D, like=q) for _ in range(3))
     if dq.numel() == 0:
         return dq, dk, dv
-    delta = (out.float() * dout.float()).sum(-1).contiguous()  # [T, H]
+    delta = (out.float() * dout.float()).sum(-1).contiguous()  # [T, H]: from dO as it is
+    fin_q, fin_k, fin_do = torch.isfinite(q), torch.isfinite(k), torch.isfinite(dout)
+    q0, k0, do0 = (torch.where(f, x, 0).contiguous() for f, x in ((fin_q, q), (fin_k, k), (fin_do, dout)))
+    key_bad = (~fin_k).any(-1).to(torch.int8).contiguous()  # [T, H]
     cfg, opts = _configs(D, q.dtype), _launch_opts(q.dtype)
-    args = (q, k, v, dout, lse, delta, seg, cu_seqlens)
-    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2])
+    strides = (*q0.stride()[:2], *k.stride()[:2], *v.stride()[:2], *do0.stride()[:2])
     varlen_attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["dkdv"]["BLOCK_K"]), H)](
-        *args, dk, dv, *strides, T, H, D, scale * LOG2E, scale, **cfg["dkdv"], **opts)
+        q0, k, v, do0, lse, delta, seg, cu_seqlens, dk, dv, *strides, T, H, D, scale * LOG2E, scale,
+        **cfg["dkdv"], **opts)
+    strides = (*q0.stride()[:2], *k0.stride()[:2], *v.stride()[:2], *do0.stride()[:2])
     varlen_attention_bwd_kernel[(triton.cdiv(T, cfg["dq"]["BLOCK_Q"]), H)](
-        *args, dq, *strides, T, H, D, scale * LOG2E, scale, **cfg["dq"], **opts)
-    return dq, dk, dv
+        q0, k0, v, do0, lse, delta, seg, cu_seqlens, dq, key_bad, *strides, T, H, D, scale * LOG2E, scale,
+        **cfg["dq"], **opts)
+    S = cu_seqlens.numel() - 1
+    nan = float("nan")
+    dq.masked_fill_(_in_sequence_of_non_finite(fin_k, seg, S), nan)
+    dk.masked_fill_(_in_sequence_of_non_finite(fin_q, seg, S), nan)
+    return dq, dk, dv.masked_fill_(_in_sequence_of_non_finite(fin_do, seg, S), nan)

@@ -13,7 +13,7 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
-from .._backend import TRITON_DTYPES, device_reasons, resolve_backend
+from .._backend import TRITON_DTYPES, check_devices, device_reasons, resolve_backend
 from .reference import masked_key_attention_ref, varlen_attention_ref
 
 MAX_HEAD_DIM = 256
@@ -41,6 +41,8 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str) -> list[st
                       f"{tuple(v.shape)}")
     if len({q.dtype, k.dtype, v.dtype}) > 1:
         errors.append(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.ndim == len(layout.split(",")) and q.shape[-1] < 1:
+        errors.append(f"head dim must be >= 1, got {q.shape[-1]}")
     return errors
 
 
@@ -130,14 +132,14 @@ def masked_key_attention(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor, scal
     The kernel works on each mask's visible keys only (no [B·M, H, N, N] scores, no M-fold copies of q, k, v).
     """
     op = "masked_key_attention"
-    errors = _check_qkv(op, q, k, v, "[B, H, N, D]")
+    errors = _check_qkv(op, q, k, v, "[B, H, N, D]") + check_devices(q=q, k=k, v=v, key_keep=key_keep)
     if key_keep.dtype != torch.bool:
         errors.append(f"key_keep must be bool, got {key_keep.dtype}")
     if key_keep.ndim != 3 or (q.ndim == 4 and (key_keep.shape[0] != q.shape[0] or key_keep.shape[2] != q.shape[2])):
         expect = f"[{q.shape[0]}, M, {q.shape[2]}]" if q.ndim == 4 else "[B, M, N]"
         errors.append(f"key_keep must be [B, M, N] = {expect}, got shape {tuple(key_keep.shape)}")
     scale = _validated_scale(op, errors, q, scale)
-    if resolve_backend(backend, op, masked_key_attention_reasons(q, k, v, key_keep)) == "torch":
+    if resolve_backend(backend, op, masked_key_attention_reasons(q, k, v, key_keep), q) == "torch":
         return masked_key_attention_ref(q, k, v, key_keep, scale)
     key_idx, counts = compact_keys(key_keep)
     return _masked_fwd(q, k, v, key_idx, counts, scale)[0]
@@ -176,7 +178,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale:
     check would cost a sync, so bounds outside [0, T] there are undefined behaviour.
     """
     op = "varlen_attention"
-    errors = _check_qkv(op, q, k, v, "[T, H, D]")
+    errors = _check_qkv(op, q, k, v, "[T, H, D]") + check_devices(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 1:
         errors.append(f"cu_seqlens must be [S + 1] with S >= 0, got shape {tuple(cu_seqlens.shape)}")
     elif cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -186,7 +188,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale:
         if cu[0] != 0 or cu[-1] != q.shape[0] or any(a > b for a, b in pairwise(cu)):
             errors.append(f"cu_seqlens must rise from 0 to T = {q.shape[0]}, got {cu if len(cu) <= 12 else '...'}")
     scale = _validated_scale(op, errors, q, scale)
-    if resolve_backend(backend, op, varlen_attention_reasons(q, k, v, cu_seqlens)) == "torch":
+    if resolve_backend(backend, op, varlen_attention_reasons(q, k, v, cu_seqlens), q) == "torch":
         return varlen_attention_ref(q, k, v, cu_seqlens, scale)
     seg = segment_ids(cu_seqlens, q.shape[0])
     return _varlen_fwd(q, k, v, seg, cu_seqlens.to(torch.int32), scale)[0]

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._backend import resolve_backend
+from .._backend import check_devices, resolve_backend
 from .api import masked_key_attention, masked_key_attention_reasons, varlen_attention, varlen_attention_reasons
-from .reference import _masked_softmax
+from .reference import _masked_softmax, visible_keys
 
 
 def _module_reasons(attn: nn.Module) -> list[str]:
@@ -104,6 +104,8 @@ def attention_forward(attn: nn.Module, x: Tensor, attn_mask: Tensor | None = Non
                 or key_keep.shape[-1] != N:
             raise ValueError(f"{op}: key_keep must be bool [B, N] or [B, M, N] with B={B}, N={N}, got "
                              f"{key_keep.dtype} {tuple(key_keep.shape)}")
+    if errors := check_devices(x=x, key_keep=key_keep, attn_mask=attn_mask):
+        raise ValueError(f"{op}: " + "; ".join(errors))
     gate = _gate(attn, x)
     q, k, v = _qkv(attn, x)
     keep = key_keep if key_keep is None or key_keep.ndim == 3 else key_keep[:, None]
@@ -114,14 +116,14 @@ def attention_forward(attn: nn.Module, x: Tensor, attn_mask: Tensor | None = Non
             reasons.append(f"attn_mask {attn_mask.dtype} {tuple(attn_mask.shape)} is not a boolean key mask "
                            "[B or 1, 1, 1, N]")
     reasons += _module_reasons(attn) + masked_key_attention_reasons(q, k, v, keep)
-    if resolve_backend(backend, op, reasons) == "triton":
+    if resolve_backend(backend, op, reasons, x) == "triton":
         o = masked_key_attention(q, k, v, x.new_ones(B, 1, N, dtype=torch.bool) if keep is None else keep,
                                  attn.scale, backend="triton")  # [B, M, H, N, Dh]
     elif key_keep is None:
         o = _timm_attention(attn, q, k, v, attn_mask, is_causal)[:, None]
     else:
-        scores = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
-        o = attn.attn_drop(_masked_softmax(scores[:, None], keep[:, :, None, None, :])) @ v[:, None]
+        scores = torch.einsum("bhnd,bmhkd->bmhnk", q * attn.scale, visible_keys(k, keep))  # [B, M, H, N, N]
+        o = attn.attn_drop(_masked_softmax(scores, keep[:, :, None, None, :])) @ visible_keys(v, keep)
     o = o.transpose(2, 3).reshape(B, o.shape[1], N, -1)  # [B, M, N, H·Dh]
     out = _project_out(attn, o, None if gate is None else gate[:, None])
     return out if key_keep is not None and key_keep.ndim == 3 else out[:, 0]
@@ -137,11 +139,13 @@ def packed_self_attention(attn: nn.Module, x: Tensor, cu_seqlens: Tensor, backen
     attends to its own sequence only, through a timm-style attention module's weights."""
     op = f"{type(attn).__name__} packed attention"
     T = x.shape[0]
+    if errors := check_devices(x=x, cu_seqlens=cu_seqlens):
+        raise ValueError(f"{op}: " + "; ".join(errors))
     H, Dh, _ = _heads(attn)
     gate = _gate(attn, x)
     q, k, v = attn.qkv(x).reshape(T, 3, H, Dh).unbind(1)  # [T, H, Dh]
     q, k, v = _same_dtype(attn.q_norm(q), attn.k_norm(k), v)
-    if resolve_backend(backend, op, _module_reasons(attn) + varlen_attention_reasons(q, k, v, cu_seqlens)) \
+    if resolve_backend(backend, op, _module_reasons(attn) + varlen_attention_reasons(q, k, v, cu_seqlens), x) \
             == "triton":
         o = varlen_attention(q, k, v, cu_seqlens, attn.scale, backend="triton")
     else:
@@ -179,10 +183,14 @@ class MaskedKeyAttention(nn.Module):
         dd = {"device": device, "dtype": dtype}
         dim_out = dim_out or dim
         head_dim = attn_head_dim
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
         if head_dim is None:
             if dim % num_heads:
                 raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
             head_dim = dim // num_heads
+        if head_dim < 1:
+            raise ValueError(f"head dim must be >= 1, got {head_dim} (dim {dim}, num_heads {num_heads})")
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError("norm_layer must be provided if qk_norm or scale_norm is True")
         self.num_heads = num_heads

@@ -17,7 +17,7 @@ import triton.language as tl
 from .. import _backend
 from .._backend import INTERPRET
 from .reference import PermutohedralLattice as ReferenceLattice
-from .reference import _scale_factors
+from .reference import _scale_factors, check_features
 
 __all__ = ["MAX_FEATURES", "TritonLattice", "lattice_filter"]
 
@@ -220,11 +220,9 @@ def _radix(f: torch.Tensor, pad: int) -> tuple[list[int], list[int], int] | None
     keeps every digit in range works: codes only need to be injective and shift by a constant per blur step.
     ``f`` [B, d, N] float32. Returns (lo, strides, image stride), or None when the codes would overflow int64."""
     B, d, _ = f.shape
+    fmin, fmax = check_features(f)  # finite, and within the keys' float32 range (the reference's limit too)
     if f.numel() == 0:
         return [0] * d, [1] * d, 1
-    if not bool(torch.isfinite(f).all()):
-        raise ValueError("PermutohedralLattice: features must be finite")
-    fmin, fmax = f.amin(dim=(0, 2)).tolist(), f.amax(dim=(0, 2)).tolist()
     if pad:  # densecrf's zero padding points
         fmin, fmax = [min(a, 0.0) for a in fmin], [max(a, 0.0) for a in fmax]
     scale = _scale_factors(d).tolist()

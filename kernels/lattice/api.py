@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import TRITON_DTYPES, device_reasons, resolve_backend
+from .._backend import TRITON_DTYPES, check_devices, device_reasons, resolve_backend
 from .reference import PermutohedralLattice as ReferenceLattice
 from .reference import check_values
 
@@ -80,7 +80,7 @@ class PermutohedralLattice:
         if features.shape[1] < 1:
             raise ValueError("features need at least one channel")
         self.requested_backend = backend
-        self.backend = resolve_backend(backend, "PermutohedralLattice", _feature_reasons(features))
+        self.backend = resolve_backend(backend, "PermutohedralLattice", _feature_reasons(features), features)
         if self.backend == "triton":
             from ._triton import TritonLattice
 
@@ -99,7 +99,7 @@ class PermutohedralLattice:
         if self.backend == "torch":
             return self._impl.filter(values, reverse)
         reasons = _value_reasons(values)
-        if resolve_backend(self.requested_backend, "PermutohedralLattice.filter", reasons) == "torch":
+        if resolve_backend(self.requested_backend, "PermutohedralLattice.filter", reasons, values) == "torch":
             return self._impl.reference().filter(values, reverse)
         return _lattice_filter(values, *self._impl.tensors, reverse)
 
@@ -118,5 +118,7 @@ def permutohedral_filter(values: torch.Tensor, features: torch.Tensor, backend: 
     """
     if values.dim() != 4 or features.dim() != 4:
         raise ValueError(f"values and features must be 4-d, got {tuple(values.shape)} and {tuple(features.shape)}")
-    backend = resolve_backend(backend, "permutohedral_filter", triton_reasons(features, values))
+    if errors := check_devices(values=values, features=features):
+        raise ValueError("permutohedral_filter: " + "; ".join(errors))
+    backend = resolve_backend(backend, "permutohedral_filter", triton_reasons(features, values), features, values)
     return PermutohedralLattice(features, backend=backend).filter(values)

@@ -23,6 +23,11 @@ import torch
 __all__ = ["PermutohedralLattice"]
 
 _CODE_LIMIT = 1 << 62  # the int64 mixed-radix codes must stay below this (neighbour shifts included)
+# The keys are rounded from float32 elevated coordinates: exact while every |elevated coordinate| < 2^24 (float32's
+# integers). Beyond, the rounded coordinates no longer sum to a point of the lattice and ranks fall outside 0..d
+# (measured: d = 1..14, random features swept from 2^14 to 2^26 — no invalid point below 2^24, invalid ones from
+# there on; before this check, an index error deep in the build).
+KEY_LIMIT = 1 << 24
 
 
 def _scale_factors(d: int) -> torch.Tensor:
@@ -31,6 +36,38 @@ def _scale_factors(d: int) -> torch.Tensor:
     inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))  # stored as float
     return torch.tensor([1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev for i in range(d)], dtype=torch.float64
                         ).to(torch.float32)
+
+
+def _elevation_bound(amax: list[float], d: int) -> float:
+    """max_j |elevated_j| can reach given each channel's max |f_k| = amax[k]: elevated_j = Σ_{k>=j} cf_k − j·cf_{j−1},
+    cf_k = f_k·scale_k (densecrf's elevation, below)."""
+    s = _scale_factors(d).tolist()
+    cf = [a * sk for a, sk in zip(amax, s, strict=True)]
+    return max(sum(cf[j:]) + (j * cf[j - 1] if j else 0.0) for j in range(d + 1))
+
+
+def check_features(f: torch.Tensor) -> tuple[list[float], list[float]]:
+    """f [B, d, N] float32 lattice features -> each channel's (min, max) over the batch, with one host sync.
+
+    Raises ValueError for NaN / ±inf, and for features whose elevated coordinates could reach ``KEY_LIMIT`` = 2^24,
+    beyond which the float32 coordinates cannot be rounded to the lattice's integer keys (for d = 5, densecrf's
+    bilateral kernel, max |f| < 1.89e6 always passes: features are in units of their sigma). Both backends check."""
+    d = f.shape[1]
+    if f.numel() == 0:
+        return [0.0] * d, [0.0] * d
+    lo, hi = torch.stack([f.amin(dim=(0, 2)), f.amax(dim=(0, 2))]).tolist()
+    bad = [str(i) for i in range(d) if not (math.isfinite(lo[i]) and math.isfinite(hi[i]))]
+    if bad:
+        raise ValueError(f"PermutohedralLattice: features must be finite, got NaN or ±inf in channel"
+                         f"{'s' * (len(bad) > 1)} {', '.join(bad)} of {d}")
+    bound = _elevation_bound([max(-a, b) for a, b in zip(lo, hi, strict=True)], d)
+    if bound * (1 + 1e-6) >= KEY_LIMIT:  # the margin: float32 rounding of the elevation itself
+        safe = KEY_LIMIT / _elevation_bound([1.0] * d, d)
+        raise ValueError(f"PermutohedralLattice: features too large for the lattice's integer keys: the elevated "
+                         f"coordinates may reach {bound:.3g}, the keys are exact below 2^24 = {KEY_LIMIT} (float32 "
+                         f"integers); with {d} channels, max |feature| below {safe:.3g} always passes (features are "
+                         f"in units of their sigma)")
+    return lo, hi
 
 
 def _lattice_coordinates(f: torch.Tensor):
@@ -112,7 +149,8 @@ def check_values(values: torch.Tensor, B: int, H: int, W: int, device: torch.dev
     if values.dim() != 4 or values.shape[0] != B or tuple(values.shape[2:]) != (H, W):
         raise ValueError(f"values must be [{B}, C, {H}, {W}], got shape {tuple(values.shape)}")
     if values.device != device:
-        raise ValueError(f"values are on {values.device}, the lattice on {device}")
+        raise ValueError(f"PermutohedralLattice.filter: values and the lattice's features must be on one device, got "
+                         f"values on {values.device}, features on {device}")
     if not values.is_floating_point():
         raise ValueError(f"values must be floating point, got {values.dtype}")
 
@@ -146,6 +184,7 @@ class PermutohedralLattice:
         self.device = dev
 
         f = features.detach().to(torch.float32).reshape(B, d, N)
+        check_features(f)
         pad = (-N) % 4 if densecrf_padding else 0
         if pad:
             f = torch.cat([f, f.new_zeros(B, d, pad)], dim=2)

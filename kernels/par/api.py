@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._backend import TRITON_DTYPES, device_reasons, resolve_backend
+from .._backend import TRITON_DTYPES, check_devices, device_reasons, resolve_backend
 from .reference import DEFAULT_DILATIONS, _resize, par_affinity_reference, par_propagate_reference, par_reference
 
 
@@ -68,6 +68,11 @@ def _check_4d(op: str, name: str, x: Tensor) -> None:
         raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
 
 
+def _check_devices(op: str, **tensors: Tensor) -> None:
+    if errors := check_devices(**tensors):
+        raise ValueError(f"{op}: " + "; ".join(errors))
+
+
 def _check_num_iter(op: str, num_iter: int) -> None:
     if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 0:
         raise ValueError(f"{op}: num_iter must be an int >= 0, got {num_iter!r}")
@@ -84,7 +89,7 @@ def par_affinity(images: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS, w
     op = "par_affinity"
     _check_4d(op, "images", images)
     _check_dilations(op, dilations)
-    if resolve_backend(backend, op, triton_reasons(images)) == "triton":
+    if resolve_backend(backend, op, triton_reasons(images), images) == "triton":
         return _par_affinity_op(_fp32(images), list(dilations), float(w1), float(w2)).to(images.dtype)
     return par_affinity_reference(images, dilations, w1, w2)
 
@@ -107,7 +112,8 @@ def par_propagate(affinity: Tensor, masks: Tensor, dilations: Sequence[int] = DE
                          f"{8 * len(dilations)}")
     if masks.shape[0] != affinity.shape[0]:
         raise ValueError(f"{op}: batch sizes differ: affinity {affinity.shape[0]}, masks {masks.shape[0]}")
-    if resolve_backend(backend, op, triton_reasons(affinity, masks)) == "triton":
+    _check_devices(op, affinity=affinity, masks=masks)
+    if resolve_backend(backend, op, triton_reasons(affinity, masks), affinity, masks) == "triton":
         out = _fp32(_resize(masks.to(torch.float32), tuple(affinity.shape[-2:])))
         return _par_propagate_op(_fp32(affinity), out, list(dilations), num_iter).to(masks.dtype)
     return par_propagate_reference(affinity, masks, dilations, num_iter)
@@ -127,7 +133,8 @@ def par(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATI
     _check_num_iter(op, num_iter)
     if masks.shape[0] != images.shape[0]:
         raise ValueError(f"{op}: batch sizes differ: images {images.shape[0]}, masks {masks.shape[0]}")
-    if resolve_backend(backend, op, triton_reasons(images, masks)) == "triton":
+    _check_devices(op, images=images, masks=masks)
+    if resolve_backend(backend, op, triton_reasons(images, masks), images, masks) == "triton":
         aff = _par_affinity_op(_fp32(images), list(dilations), float(w1), float(w2))
         out = _fp32(_resize(masks.to(torch.float32), tuple(images.shape[-2:])))
         return _par_propagate_op(aff, out, list(dilations), num_iter).to(masks.dtype)

@@ -139,6 +139,34 @@ def test_bad_inputs_fail_clearly():
         token_affinity_loss(torch.randn(1, 4, 3), torch.zeros(1, 4))
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_labels_outside_the_classes_are_errors(backend):
+    """Before: −1 and 1000 were ordinary classes. A negative label other than ignore_index is an error on every
+    backend; with num_classes, so is a label >= num_classes. The message gives the count and the values."""
+    feats = torch.randn(2, 5, 4, device=DEVICE)
+    labels = torch.tensor([[0, 1, 255, 2, 2], [3, 3, 0, 255, 1]], device=DEVICE)
+    want = token_affinity_loss(feats, labels, backend="torch")
+    assert_close(token_affinity_loss(feats, labels, num_classes=4, backend=backend), want, 1e-6, "valid labels")
+    negative = labels.clone()
+    negative[0, 1] = -1
+    with pytest.raises(ValueError, match=r"labels must be in 0\.\.C-1 or ignore_index=255.*1 label.*-1"):
+        token_affinity_loss(feats, negative, backend=backend)
+    too_big = labels.clone()
+    too_big[1, :2] = 1000
+    too_big[0, 0] = -7
+    with pytest.raises(ValueError, match=r"labels must be in 0\.\.3 or ignore_index=255.*3 labels.*-7.*1000"):
+        token_affinity_loss(feats, too_big, num_classes=4, backend=backend)
+    token_affinity_loss(feats, too_big.clamp_min(0), backend=backend)  # without num_classes, any label >= 0 is a class
+    other_ignore = labels.masked_fill(labels == 255, -100)  # another ignore_index, negative
+    assert_close(token_affinity_loss(feats, other_ignore, ignore_index=-100, num_classes=4, backend=backend), want,
+                 1e-6, "ignore_index=-100")
+    other_ignore[0, 1] = -1
+    with pytest.raises(ValueError, match=r"ignore_index=-100, got 1 label outside: min -1"):
+        token_affinity_loss(feats, other_ignore, ignore_index=-100, backend=backend)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+        token_affinity_loss(feats, labels, num_classes=0, backend=backend)
+
+
 # ------------------------------------------------------------------------------------- Triton kernels vs reference
 # Under TRITON_INTERPRET=1 (tests/conftest.py) these run the kernels on CPU; on a GPU, with real Triton.
 # The kernels and the reference both compute in fp32 from the same (possibly rounded) inputs, so the tolerances only

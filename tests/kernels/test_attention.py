@@ -337,3 +337,118 @@ def test_layer_falls_back_for_masks_it_cannot_take(timm_vit):
     layer.attn_drop.p = 0.1
     with pytest.raises(ValueError, match="attention dropout"):
         layer(x)
+
+
+# ---- non-finite values: where they may go, on both backends
+
+
+def _poisoned_run(fn_kernel, fn_ref, inputs, g):
+    """(kernel out, reference out, kernel grads, reference grads) on the same fp32 inputs and upstream gradient."""
+    low = [x.to(DEVICE).requires_grad_() for x in inputs]
+    high = [x.detach().clone().requires_grad_() for x in inputs]
+    out, ref = fn_kernel(*low), fn_ref(*high)
+    return (out, ref, torch.autograd.grad(out, low, g.to(DEVICE), allow_unused=True),
+            torch.autograd.grad(ref, high, g, allow_unused=True))
+
+
+def assert_same_non_finite(out, ref, tol, what):
+    """The same elements are non-finite (NaN or ±inf, as the reference), and the finite ones agree."""
+    fin, ref_fin = torch.isfinite(out.detach().cpu()), torch.isfinite(ref.detach())
+    assert torch.equal(fin, ref_fin), f"{what}: {int((fin != ref_fin).sum())} elements differ in finiteness, e.g. " \
+                                      f"at {tuple((fin != ref_fin).nonzero()[0].tolist())}"
+    assert_close(out.detach().nan_to_num(0.0, 0.0, 0.0), ref.detach().nan_to_num(0.0, 0.0, 0.0), tol, what,
+                 where=ref_fin)
+
+
+LENGTHS = [3, 6, 1, 7, 4, 5]  # 26 rows: one tile of every kernel; sequence 1 is rows 3..8, sequence 2 row 9
+
+
+@pytest.mark.parametrize("row", [5, 9], ids=["seq-of-6", "singleton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v", "dout"])
+def test_varlen_non_finite_stays_in_its_sequence(where, bad, row):
+    """A NaN / ±inf in one packed sequence (q, k, v, or the upstream gradient) leaves the other sequences of its tile
+    exactly as without it, forward and backward (before: 0·NaN in the tile's dots poisoned them); inside its sequence
+    the Triton path is non-finite exactly where the reference is (including an infinite key that scores −inf for
+    some queries: they ignore it, as in the reference; and a query whose only key scores −inf: NaN, as there)."""
+    gen = torch.Generator().manual_seed(7)
+    T, H, D = sum(LENGTHS), 2, 16
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    clean = [torch.randn(T, H, D, generator=gen) for _ in range(3)]
+    g = torch.randn(T, H, D, generator=gen)
+    inputs, g_bad = [x.clone() for x in clean], g.clone()
+    (g_bad if where == "dout" else inputs["qkv".index(where)])[row, 1, 3] = bad
+    run = partial(_poisoned_run, lambda q, k, v: varlen_attention(q, k, v, cu.to(DEVICE), backend="triton"),
+                  lambda q, k, v: varlen_attention_ref(q, k, v, cu))
+    out, ref, grads, ref_grads = run(inputs, g_bad)
+    assert not torch.isfinite(ref_grads[0] if where == "dout" else ref).all()  # the case poisons something
+    assert_same_non_finite(out, ref, 1e-5, "out")
+    for name, a, b in zip("qkv", grads, ref_grads, strict=True):
+        assert_same_non_finite(a, b, 2e-4, f"d{name}")
+    other = torch.ones(T, dtype=torch.bool)
+    other[slice(3, 9) if row == 5 else slice(9, 10)] = False  # the poisoned row's sequence
+    out_clean, _, grads_clean, _ = run(clean, g)
+    assert torch.equal(out[other], out_clean[other])  # bit for bit: the poisoned rows add exact zeros
+    for name, a, b in zip("qkv", grads, grads_clean, strict=True):
+        assert torch.equal(a[other], b[other]), f"d{name}"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_masked_hidden_keys_never_matter(bad):
+    """NaN / ±inf in k and v of keys that a mask hides: that mask's output and every gradient are those of clean
+    inputs on both backends (before: the reference multiplied 0-weights by the NaN, forward and in the softmax
+    backward, while the kernel never loads hidden keys); where a mask sees the key, the non-finite value propagates,
+    the same on both."""
+    gen = torch.Generator().manual_seed(5)
+    B, M, H, N, D = 2, 3, 2, 20, 16
+    clean = [torch.randn(B, H, N, D, generator=gen) for _ in range(3)]
+    keep = torch.rand(B, M, N, generator=gen) < 0.5
+    keep[:, :, 4] = False  # key 4: hidden in every mask of both images
+    keep[0, :, 9] = torch.tensor([False, True, False])  # key 9 of image 0: seen by mask 1 only
+    keep[:, :, 0] = True
+    keep = keep.to(DEVICE)
+    g = torch.randn(B, M, H, N, D, generator=gen)
+    run = partial(_poisoned_run, lambda q, k, v: masked_key_attention(q, k, v, keep, backend="triton"),
+                  lambda q, k, v: masked_key_attention_ref(q, k, v, keep.cpu()))
+    want, want_ref, _, want_grads = run(clean, g)
+    hidden = [x.clone() for x in clean]
+    for x in hidden[1:]:
+        x[:, 1, 4, 5] = bad
+    out, ref, grads, ref_grads = run(hidden, g)
+    for backend, o, gs in (("triton", out, grads), ("torch", ref, ref_grads)):
+        assert_close(o, want_ref, TOL["fp32"][0], f"{backend} out, hidden {bad}")
+        for name, a, b in zip("qkv", gs, want_grads, strict=True):
+            assert_close(a, b, TOL["fp32"][1], f"{backend} d{name}, hidden {bad}")
+            assert name == "q" or (a[:, :, 4] == 0).all()
+
+    seen = [x.clone() for x in clean]
+    for x in seen[1:]:
+        x[0, 1, 9, 5] = bad
+    out, ref, grads, ref_grads = run(seen, g)
+    assert not torch.isfinite(ref[0, 1]).all()  # the mask that sees it
+    assert_same_non_finite(out, ref, TOL["fp32"][0], "out, visible NaN")
+    for name, a, b in zip("qkv", grads, ref_grads, strict=True):
+        assert_same_non_finite(a, b, TOL["fp32"][1], f"d{name}, visible NaN")
+    hides = torch.ones(B, M, dtype=torch.bool)
+    hides[0, 1] = False
+    assert_close(out[hides], want[hides], TOL["fp32"][0], "the masks that hide it")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_empty_head_dim_is_an_error(backend):
+    """Head dim 0 (before: ZeroDivisionError computing D^-½, or an empty output with an explicit scale)."""
+    q = torch.randn(1, 2, 5, 0)
+    for scale in (None, 0.5):
+        with pytest.raises(ValueError, match="head dim must be >= 1, got 0"):
+            masked_key_attention(q, q, q, torch.ones(1, 1, 5, dtype=torch.bool), scale, backend=backend)
+        with pytest.raises(ValueError, match="head dim must be >= 1, got 0"):
+            varlen_attention(q[0], q[0], q[0], torch.tensor([0, 2]), scale, backend=backend)
+
+
+def test_layer_with_empty_heads_is_an_error():
+    with pytest.raises(ValueError, match="head dim must be >= 1"):
+        MaskedKeyAttention(8, num_heads=2, attn_head_dim=0)
+    with pytest.raises(ValueError, match="head dim must be >= 1"):
+        MaskedKeyAttention(0, num_heads=2)
+    with pytest.raises(ValueError, match="num_heads must be >= 1"):
+        MaskedKeyAttention(8, num_heads=0)

@@ -322,17 +322,27 @@ def test_triton_is_deterministic(kernels):
                                                                               backend="triton"))
 
 
-def test_triton_gradients_fall_back(kernels):
+def test_triton_gradients_fall_back(kernels, monkeypatch):
     """The kernels are forward-only: auto takes the (differentiable) reference when a gradient is wanted, under
-    no_grad it takes the kernels; an explicit triton lists the reason."""
+    no_grad it takes the kernels, which give the reference's values; an explicit triton lists the reason."""
+    from fastwsss.kernels import _backend, backends_used
+
+    monkeypatch.setattr(_backend, "_used", {})
     images, masks = case(1, 2, 6, 7, seed=5)
     masks.requires_grad_()
     with pytest.raises(ValueError, match="require grad"):
         par(images, masks, num_iter=2, backend="triton")
-    par(images, masks, num_iter=2).sum().backward()
+    out = par(images, masks, num_iter=2)
+    assert backends_used() == {"par": "torch"} and out.requires_grad
+    out.sum().backward()
     assert masks.grad is not None and torch.isfinite(masks.grad).all()
     with torch.no_grad():
-        par(images, masks, num_iter=2, backend="triton")
+        fast = par(images, masks, num_iter=2, backend="triton")
+        auto = par(images, masks, num_iter=2)
+    assert backends_used() == {"par": "torch+triton"} and not fast.requires_grad
+    assert torch.equal(auto, fast)  # no_grad: auto takes the kernels too
+    rtol, atol = TOL[torch.float32]
+    assert_close(fast, out.detach(), what="no_grad kernels vs the reference", rtol=rtol, atol=atol, scale="one")
 
 
 def test_custom_ops_pass_opcheck_and_compile(kernels):
