@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -75,6 +76,11 @@ def test_methods_train_every_term(tiny_config, tmp_path, method):
     record = next(x for x in lines if x.get("step") == 2)
     for term in ("cls", "cls_aux", "seg", "reg", "aff", "con"):
         assert math.isfinite(record[term]), (term, record)
+    # the backend each op ran with is in the run's log
+    used = next(x for x in (tmp_path / "run" / "train.log").read_text().splitlines() if "kernel backends" in x)
+    ops = ["par", "PermutohedralLattice.filter", "token_affinity_sums"] + (["varlen_attention"] if method == "mcc"
+                                                                            else [])
+    assert all(re.search(rf"[:,] {re.escape(op)} (torch|triton|torch\+triton)(,|$)", used) for op in ops), used
 
 
 def test_cli_rejects_unknown_flags(capsys):

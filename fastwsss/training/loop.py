@@ -32,6 +32,7 @@ from ..inference import (
     model_from_config,
     trivial_baselines,
 )
+from ..kernels import backends_used
 from ..methods import LOG_NAMES, TrainStep, counts, ema_step, make_targets
 from ..models import WSSSNet
 from ..runtime import (
@@ -286,6 +287,8 @@ def _train(cfg: Config, run_dir: Path, resume: dict | None, dist: Dist, device: 
                disable=not dist.main)
     t_log, step_log = time.time(), step
     t_start, step_start = t_log, step
+    backends_used(reset=True)  # the kernels' record, from this run's first step
+    backends_logged: dict[str, str] = {}
     model.train()
     batches = iter(loader)
     try:
@@ -361,6 +364,10 @@ def _train(cfg: Config, run_dir: Path, resume: dict | None, dist: Dist, device: 
                     metrics.flush()
                     eta = (now - t_start) / (step - step_start) * (stop - step)
                     log.info(log_line(step, now - t_start, eta, lr, logged))
+                    if (used := backends_used()) != backends_logged:  # the first interval, and any change after
+                        log.info("kernel backends (kernels.backend=%s): %s", cfg.kernels.backend,
+                                 ", ".join(f"{op} {b}" for op, b in used.items()))
+                        backends_logged = used
                     bar.set_postfix({name: f"{v:.4f}" for name, (v, _, _) in logged.items()} | {"lr": f"{lr:.2e}"})
                 if tensorboard is not None:
                     for name, (v, _, wv) in logged.items():
