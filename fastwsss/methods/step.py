@@ -15,6 +15,7 @@ from ..config import Config
 from ..data import IGNORE_INDEX
 from ..data.transforms import denormalize
 from ..kernels import token_affinity_sums
+from ..kernels.affinity import pair_counts
 from ..models import Outputs, WSSSNet, ema_update, forward_features
 from ..pseudo import affinity_label, multiscale_cams, refine_seg_label
 from ..runtime import ONE_PROCESS, Dist, all_reduce_sum
@@ -90,23 +91,14 @@ def make_targets(model: WSSSNet, batch: dict, step: int, cfg: Config, out: Outpu
     return t
 
 
-def pair_counts(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """[|P|, |Nn|] (float64) of token labels [b, N]: |P| = Σ_b (Σ_c n_bc² − n_b), |Nn| = Σ_b (n_b² − Σ_c n_bc²),
-    n_bc the tokens of image b labelled c, n_b its labelled tokens (the affinity loss's denominators)."""
-    valid = labels != ignore_index
-    n_bc = F.one_hot(labels.masked_fill(~valid, 0).long(), num_classes).mul(valid[..., None]).sum(1).double()
-    n_b = n_bc.sum(1)
-    same = n_bc.pow(2).sum(1)
-    return torch.stack([(same - n_b).sum(), (n_b.pow(2) - same).sum()])
-
-
 def counts(targets: Targets, batch: dict, cfg: Config) -> torch.Tensor:
     """The denominators this part contributes to the whole step's [images, fg pixels, bg pixels, positive pairs,
     negative pairs] (float64): summed over every part (processes, micro-batches), they normalise each part's terms."""
     x = batch["img"]
     zero = x.new_zeros(2, dtype=torch.float64)
     seg = seg_label_counts(targets.seg_label) if targets.seg_label is not None else zero
-    aff = pair_counts(targets.aff_label, cfg.data.num_classes) if targets.aff_label is not None else zero
+    aff = (pair_counts(targets.aff_label, cfg.data.num_classes, IGNORE_INDEX) if targets.aff_label is not None
+           else zero)
     return torch.cat([x.new_tensor([float(x.shape[0])], dtype=torch.float64), seg, aff])
 
 

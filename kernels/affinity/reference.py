@@ -19,6 +19,17 @@ def pair_masks(labels: Tensor, ignore_index: int = 255) -> tuple[Tensor, Tensor]
     return pair & same, pair & ~same
 
 
+def pair_counts(labels: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
+    """labels [B, N] -> [|P|, |Nn|] (float64), the sizes of ``pair_masks`` without building them:
+    |P| = Σ_b (Σ_c n_bc² − n_b), |Nn| = Σ_b (n_b² − Σ_c n_bc²), n_bc the tokens of image b labelled c, n_b its
+    labelled tokens. What a part of a batch contributes to the loss's denominators, known before any similarity."""
+    valid = labels != ignore_index
+    n_bc = F.one_hot(labels.masked_fill(~valid, 0).long(), num_classes).mul(valid[..., None]).sum(1).double()
+    n_b = n_bc.sum(1)
+    same = n_bc.pow(2).sum(1)
+    return torch.stack([(same - n_b).sum(), (n_b.pow(2) - same).sum()])
+
+
 def token_affinity_sums_reference(feats: Tensor, labels: Tensor, absolute: bool = True,
                                   ignore_index: int = 255) -> Tensor:
     """feats [B, N, D], labels [B, N] (int) -> [Σ_P s, |P|, Σ_Nn s, |Nn|] in promote_types(dtype, float32), with

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastwsss.kernels import _backend
-from fastwsss.kernels.affinity import token_affinity_loss
+from fastwsss.kernels.affinity import pair_counts, token_affinity_loss, token_affinity_sums_reference
 from fastwsss.kernels.testing import DEVICE, assert_close
 
 from parity import nan_filled
@@ -328,3 +328,13 @@ def test_sums_of_parts_add_up_to_the_batch(kernels, backend):
     for s in s_parts:  # each part: its sums over the total counts, the constant split between the parts
         (0.5 * (0.5 - s[0] / (n_p + 1)) + 0.5 * s[2] / (n_n + 1)).backward()
     assert_close(torch.cat([p.grad for p in parts]), whole.grad, what="grad", rtol=1e-5, atol=1e-7, scale="one")
+
+
+def test_pair_counts_are_the_sizes_of_the_pair_masks():
+    """The step's denominators (known before any similarity) are the counts the sums report."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (3, 40), generator=g)
+    labels[torch.rand(3, 40, generator=g) < 0.3] = 255
+    labels[1] = 255  # an image with no labelled token
+    sums = token_affinity_sums_reference(torch.randn(3, 40, 8, generator=g, dtype=torch.float64), labels)
+    assert torch.equal(pair_counts(labels, num_classes=5), sums[[1, 3]])
