@@ -8,14 +8,14 @@ before anything runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass, field, fields, make_dataclass
 from importlib import resources
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-METHODS = ("cam", "toco", "mcc")
 DATASETS = ("voc", "coco", "synthetic", "folder")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -113,19 +113,15 @@ class LossConfig:
 
 @dataclass
 class ContrastConfig:
-    """Local views, projector and EMA teacher of the contrast loss (SPEC §2, §5, §6)."""
+    """Local views, projector and EMA teacher of the contrast loss (SPEC §2, §5, §6), shared by ToCo and MCC; what
+    sets their local views apart is in their own sections (``toco:``, ``mcc:``)."""
 
     num_local: int = 8  # local views per image: ToCo crops / MCC key masks
     proj_dim: int = 1024
     proj_hidden: int = 2048
     proj_bottleneck: int = 256
     ema_momentum: float = 0.9
-    toco_crop_size: int = 96
     neg_thresh: float = 0.2  # a local view is negative iff its (visible) mean roi <= this
-    mcc_mask_prob: float = 0.95
-    mcc_mask_cell: int = 4  # tokens per side of one Bernoulli cell
-    mcc_aux_cam_until: int = 12000  # MCC flags use the aux CAM up to this iteration, then the final CAM
-    mcc_forward: str = "drop"  # drop = exact token dropping | masked = reference (views replicated, keys masked)
 
 
 @dataclass
@@ -149,7 +145,7 @@ class KernelConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "cam"  # cam (classification baseline) | toco | mcc
+    method: str = "cam"  # a registered method (fastwsss.methods): cam (classification baseline) | toco | mcc | ...
     max_iters: int = 20000  # defines the LR schedule
     stop_at: int | None = None  # stop early (schedule still follows max_iters); resume later
     batch_size: int = 4  # the global batch: split over torchrun's processes and train.grad_accum micro-batches
@@ -216,12 +212,44 @@ class ConfigError(ValueError):
     pass
 
 
+# The methods register themselves when ``fastwsss.methods`` is imported (every command does): a name ``train.method``
+# may take and, if the method has settings of its own, their dataclass, which becomes the top-level section of that
+# name (``mcc: {mask_prob: 0.9}``). A section may define ``errors(cfg) -> list[str]``: ``validate`` calls it for the
+# selected method.
+_METHOD_SECTIONS: dict[str, type | None] = {}
+
+
+def register_method(name: str, section: type | None = None) -> None:
+    """Make ``name`` a valid ``train.method`` with ``section`` (a dataclass, or None) as its config section."""
+    if not name.isidentifier() or (section is not None and name in {f.name for f in fields(Config)}):
+        raise ValueError(f"method name {name!r} must be an identifier; with a section of its own, one that is not a "
+                         "shared section's name")
+    _METHOD_SECTIONS[name] = section
+
+
+def registered_methods() -> tuple[str, ...]:
+    return tuple(_METHOD_SECTIONS)
+
+
+def schema() -> type[Config]:
+    """The ``Config`` dataclass with one section per registered method that has one (a subclass of ``Config``)."""
+    return _schema(tuple((name, s) for name, s in _METHOD_SECTIONS.items() if s is not None))
+
+
+@functools.cache
+def _schema(sections: tuple[tuple[str, type], ...]) -> type[Config]:
+    if not sections:
+        return Config
+    return make_dataclass("Config", [(name, s, field(default_factory=s)) for name, s in sections], bases=(Config,),
+                          namespace={"__module__": __name__})
+
+
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> list[str]:
     return [] if value in choices else [f"{key}={value!r} is not one of {', '.join(choices)}"]
 
 
-def _range(errors: list[str], key: str, value: float, lo: float | None = None, hi: float | None = None, *,
-           lo_open: bool = False, what: str = "") -> None:
+def check_range(errors: list[str], key: str, value: float, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, what: str = "") -> None:
     """Append an error unless lo <= value <= hi (lo < value with ``lo_open``)."""
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
     if bad:
@@ -232,9 +260,9 @@ def _range(errors: list[str], key: str, value: float, lo: float | None = None, h
 def validate(cfg: Config) -> Config:
     """Check what types alone cannot, before anything runs; every problem is reported at once."""
     errors = _choice("data.dataset", cfg.data.dataset, DATASETS)
-    errors += _choice("train.method", cfg.train.method, METHODS)
+    errors += (_choice("train.method", cfg.train.method, registered_methods()) if _METHOD_SECTIONS else
+               ["no method is registered: import fastwsss.methods before loading a config"])
     errors += _choice("train.precision", cfg.train.precision, PRECISIONS)
-    errors += _choice("contrast.mcc_forward", cfg.contrast.mcc_forward, ("drop", "masked"))
     errors += _choice("kernels.backend", cfg.kernels.backend, ("auto", "torch", "triton"))
     errors += _choice("infer.fusion", cfg.infer.fusion, ("voc", "coco"))
     errors += _choice("infer.crf_impl", cfg.infer.crf_impl, ("pydensecrf", "lattice"))
@@ -257,8 +285,7 @@ def validate(cfg: Config) -> Config:
         errors.append(f"data.rescale_range={[lo, hi]} must satisfy 0 < low <= high")
     for key in ("train.max_iters", "train.batch_size", "train.grad_accum", "train.log_interval", "train.eval_interval",
                 "train.ckpt_interval", "data.crop_size", "eval.batch_size", "cam.par_num_iter",
-                "contrast.proj_dim", "contrast.proj_hidden", "contrast.proj_bottleneck", "contrast.mcc_mask_cell",
-                "contrast.toco_crop_size", "infer.coco_size", "infer.crf_batch_size", "infer.crf_iterations",
+                "contrast.proj_dim", "contrast.proj_hidden", "contrast.proj_bottleneck", "infer.coco_size", "infer.crf_batch_size", "infer.crf_iterations",
                 "model.img_size", "model.decoder_channels", "model.decoder_dilation"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
@@ -281,25 +308,24 @@ def validate(cfg: Config) -> Config:
     c, o = cfg.cam, cfg.optim
     for key, value in (("cam.high_thresh", c.high_thresh), ("cam.low_thresh", c.low_thresh),
                        ("cam.bkg_thresh", c.bkg_thresh), ("contrast.neg_thresh", cfg.contrast.neg_thresh),
-                       ("contrast.mcc_mask_prob", cfg.contrast.mcc_mask_prob),
                        ("contrast.ema_momentum", cfg.contrast.ema_momentum), ("optim.warmup_ratio", o.warmup_ratio)):
-        _range(errors, key, value, 0.0, 1.0)
+        check_range(errors, key, value, 0.0, 1.0)
     if c.low_thresh > c.high_thresh:
         errors.append(f"cam.low_thresh={c.low_thresh} must be <= cam.high_thresh={c.high_thresh}")
     for key, value in (("optim.lr", o.lr), ("optim.head_lr_mult", o.head_lr_mult), ("optim.eps", o.eps),
                        ("loss.temperature", cfg.loss.temperature), ("loss.reg_sigma_rgb", cfg.loss.reg_sigma_rgb),
                        ("loss.reg_sigma_xy", cfg.loss.reg_sigma_xy), ("loss.reg_scale", cfg.loss.reg_scale)):
-        _range(errors, key, value, 0.0, lo_open=True)
+        check_range(errors, key, value, 0.0, lo_open=True)
     for key, value in (("optim.weight_decay", o.weight_decay), ("optim.power", o.power)):
-        _range(errors, key, value, 0.0)
+        check_range(errors, key, value, 0.0)
     for i, beta in enumerate(o.betas):
         if not 0 <= beta < 1:
             errors.append(f"optim.betas[{i}]={beta!r} must be in [0, 1)")
     for name in ("w_cls_aux", "w_aff", "w_con", "w_seg", "w_reg"):
-        _range(errors, f"loss.{name}", getattr(cfg.loss, name), 0.0)
-    if cfg.train.method != "cam" and cfg.contrast.num_local < 1:
-        errors.append(f"contrast.num_local={cfg.contrast.num_local} must be >= 1 with train.method="
-                      f"{cfg.train.method} (its contrast term needs local views)")
+        check_range(errors, f"loss.{name}", getattr(cfg.loss, name), 0.0)
+    section = getattr(cfg, cfg.train.method, None)
+    if hasattr(section, "errors"):
+        errors += section.errors(cfg)
     depth = cfg.model.depth
     if depth is not None and depth < 1:
         errors.append(f"model.depth={depth} must be positive")
@@ -393,7 +419,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Schema defaults <- YAML file or packaged config name (differences only; ``base: other.yaml`` layers it on
     another) <- overrides. Every unknown key, wrong type and invalid value is reported at once, each with the file
     (or the command line) it came from."""
-    schema = OmegaConf.structured(Config)
+    structured = OmegaConf.structured(schema())
     layers = []
     if path is not None:
         path = resolve_config(path)
@@ -402,10 +428,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if bad:
         raise ConfigError(f"overrides must be key=value, got: {' '.join(bad)}")
     layers.append((OmegaConf.from_dotlist(list(overrides)), "command line"))
-    errors = [e for layer, source in layers for e in _layer_errors(schema, layer, source)]
+    errors = [e for layer, source in layers for e in _layer_errors(structured, layer, source)]
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    merged = OmegaConf.merge(schema, *(layer for layer, _ in layers))
+    merged = OmegaConf.merge(structured, *(layer for layer, _ in layers))
     # a layer's ??? (mandatory) must be set by a later layer: merging ??? would silently keep the default
     missing = sorted({key for i, (layer, _) in enumerate(layers) for key in OmegaConf.missing_keys(layer)
                       if not any(OmegaConf.select(later, key, default=None) is not None

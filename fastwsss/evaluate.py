@@ -25,6 +25,7 @@ from .data import EvalDataset, class_names, open_split
 from .inference.evaluation import CRF_MODE, EVAL_MODES, evaluate_model, evaluate_predictions
 from .inference.metrics import format_table, results_json
 from .inference.predict import load_model, make_crf_runner, multiscale_seg_logits
+from .methods import build_method
 from .runtime import init_distributed, make_autocast
 
 
@@ -92,10 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             results = evaluate_model(
                 model, dataset, scales=tuple(c.scales), bkg_thresh=c.bkg_thresh, modes=modes,
-                high_thresh=c.high_thresh, low_thresh=c.low_thresh, device=device, autocast=autocast,
-                num_vis=args.num_vis if args.vis else 0, vis_path=args.vis, num_workers=i.num_workers,
-                par_dilations=tuple(c.par_dilations), par_num_iter=c.par_num_iter, par_backend=cfg.kernels.backend,
-                round_denorm=cfg.quirks.round_denorm, seg_fn=seg_fn, crf=crf, save_dir=args.save_predictions,
+                labeller=build_method(cfg).pseudo_labeller(), device=device, autocast=autocast,
+                num_vis=args.num_vis if args.vis else 0, vis_path=args.vis, num_workers=i.num_workers, seg_fn=seg_fn, crf=crf, save_dir=args.save_predictions,
                 progress=True, dist=dist)
         finally:
             if crf is not None:

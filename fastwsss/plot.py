@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .cli import user_errors
-from .methods import LOG_NAMES
+from .methods import METHODS
 
 Series = dict[str, tuple[list[float], list[float]]]  # name -> (iterations, values)
 
@@ -55,7 +55,7 @@ def run_series(run: str | Path) -> tuple[Series, Series, list[str]]:
         raise FileNotFoundError(f"no metrics.jsonl at {path}")
     config = path.parent / "config.yaml"
     method = OmegaConf.load(config).train.method if config.is_file() else None
-    names = list(LOG_NAMES[method].values()) if method in LOG_NAMES else []
+    names = list(METHODS[method].log_names.values()) if method in METHODS else []
     train: Series = {}
     evals: Series = {}
     for line in path.read_text().splitlines():

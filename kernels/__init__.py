@@ -8,10 +8,10 @@ choice for a caller's own code path, and ``backends_used()`` says which backend 
 
 from ._backend import backends_used, device_reasons, resolve_backend
 from .affinity import token_affinity_loss, token_affinity_sums
-from .attention import MaskedKeyAttention, masked_key_attention, swap_attention, varlen_attention
+from .attention import MaskedKeyAttention, block_forward, masked_key_attention, swap_attention, varlen_attention
 from .lattice import PermutohedralLattice, bilateral_features, permutohedral_filter, position_features
 from .par import par, par_affinity, par_propagate
 
-__all__ = ["MaskedKeyAttention", "PermutohedralLattice", "backends_used", "bilateral_features", "device_reasons",
+__all__ = ["MaskedKeyAttention", "PermutohedralLattice", "backends_used", "bilateral_features", "block_forward", "device_reasons",
            "masked_key_attention", "par", "par_affinity", "par_propagate", "permutohedral_filter", "position_features",
            "resolve_backend", "swap_attention", "token_affinity_loss", "token_affinity_sums", "varlen_attention"]

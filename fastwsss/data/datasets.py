@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from .labels import read_label_file
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, augment, contrast_sample, normalize, random_key_masks
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 IGNORE_INDEX = 255
 LAYOUTS = ("voc", "coco", "folder")
@@ -213,24 +214,13 @@ class SegmentationList:
 
 
 class TrainDataset(Dataset):
-    """Augmented training crops. Indexed by ``(index, position)``: every random choice of a sample is seeded
-    by ``(seed, position)`` (position = samples drawn so far), so a run and its resumption see the same data.
+    """Augmented training samples. Indexed by ``(index, position)``: every random choice of a sample is drawn from a
+    generator seeded by ``(seed, position)`` (position = samples drawn so far), so a run and its resumption see the
+    same data. ``views(image, rng)`` makes the sample's tensors (``img``, ``img_box`` and whatever else the method
+    trains on, e.g. ``transforms.CropViews``); the dataset adds ``name``, ``position`` and ``cls_label``."""
 
-    ``views``: "none" (image, labels, img_box), or "contrast" (ToCo / MCC: also ``local`` and ``global2``, see
-    :func:`contrast_sample`), plus MCC's ``key_keep`` [num_masks, h*w] when ``num_masks`` > 0.
-    """
-
-    def __init__(self, items: SegmentationList, *, crop_size: int, rescale_range: tuple[float, float], seed: int,
-                 jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 1.0, views: str = "none",
-                 num_masks: int = 0, mask_grid: tuple[int, int] = (0, 0), mask_prob: float = 0.95, mask_cell: int = 4,
-                 share_flip: bool = False, flip_box: bool = False):
-        if views not in ("none", "contrast"):
-            raise ValueError(f"views={views!r} is not one of none, contrast")
-        self.items, self.crop_size, self.rescale_range, self.seed = items, crop_size, rescale_range, seed
-        self.photometric_p = (jitter_p, gray_p, blur_p)
-        self.views, self.num_masks, self.mask_grid, self.mask_prob, self.mask_cell = (
-            views, num_masks, mask_grid, mask_prob, mask_cell)
-        self.share_flip, self.flip_box = share_flip, flip_box
+    def __init__(self, items: SegmentationList, views: Callable[[Image.Image, np.random.Generator], dict], seed: int):
+        self.items, self.views, self.seed = items, views, seed
 
     def __len__(self) -> int:
         return len(self.items.names)
@@ -240,22 +230,8 @@ class TrainDataset(Dataset):
         name = self.items.names[index]
         rng = np.random.default_rng([self.seed, position])
         image = read_image(self.items.image_path(name))
-        sample = {"name": name, "position": position,
-                  "cls_label": torch.from_numpy(self.items.cls_labels[index].astype(np.float32))}
-        if self.views == "none":
-            img, img_box = augment(image, rng, self.crop_size, self.rescale_range, *self.photometric_p)
-        else:
-            views = contrast_sample(image, rng, self.crop_size, self.rescale_range, *self.photometric_p,
-                                    share_flip=self.share_flip, flip_box=self.flip_box)
-            img, img_box = views["img"], views["img_box"]
-            sample["local"] = torch.from_numpy(normalize(views["local"]))
-            sample["global2"] = torch.from_numpy(normalize(views["global2"]))
-            if self.num_masks:
-                keep = random_key_masks(rng, self.num_masks, self.mask_grid, self.mask_prob, self.mask_cell)
-                sample["key_keep"] = torch.from_numpy(keep)  # [M, h*w] bool, True = visible
-        sample["img"] = torch.from_numpy(normalize(img))  # [3, S, S] float32
-        sample["img_box"] = torch.tensor(img_box, dtype=torch.long)  # [4] = h0, h1, w0, w1
-        return sample
+        return {"name": name, "position": position,
+                "cls_label": torch.from_numpy(self.items.cls_labels[index].astype(np.float32)), **self.views(image, rng)}
 
 
 class EvalDataset(Dataset):

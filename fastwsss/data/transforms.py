@@ -8,6 +8,7 @@ p 0.8 -> grayscale p 0.2 -> Gaussian blur p 1.0 (radius U(0.1, 2.0)).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -159,13 +160,19 @@ def contrast_sample(img: Image.Image, rng: np.random.Generator, crop_size: int, 
     return {"img": np.asarray(main), "img_box": box, "local": np.asarray(local), "global2": np.asarray(g2)}
 
 
-def random_key_masks(rng: np.random.Generator, num_masks: int, grid: tuple[int, int], mask_prob: float = 0.95,
-                     cell: int = 4) -> np.ndarray:
-    """MCC key masks (SPEC §6): one Bernoulli(mask_prob) draw per cell x cell block of the token grid,
-    nearest-upsampled to the grid. Returns ``keep`` [num_masks, h*w] bool, True = visible."""
-    h, w = grid
-    ch, cw = max(1, h // cell), max(1, w // cell)
-    masked = rng.random((num_masks, ch, cw)) < mask_prob
-    rows = np.minimum(np.arange(h) * ch // h, ch - 1)  # nearest: cell of each token row / column
-    cols = np.minimum(np.arange(w) * cw // w, cw - 1)
-    return ~masked[:, rows][:, :, cols].reshape(num_masks, h * w)
+@dataclass(frozen=True)
+class CropViews:
+    """The training crop of every method (``augment``): ``views(image, rng)`` -> ``img`` [3, S, S] (ImageNet-normalised
+    float32) and ``img_box`` [4] (h0, h1, w0, w1). A method whose loader must produce more views (ToCo's local and
+    second global view, MCC's key masks) gives the dataset its own callable of this shape; it must pickle (loader
+    workers run it) and draw every random choice from ``rng``."""
+
+    crop_size: int
+    rescale_range: tuple[float, float]
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 1.0
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        img, box = augment(image, rng, self.crop_size, self.rescale_range, self.jitter_p, self.gray_p, self.blur_p)
+        return {"img": torch.from_numpy(normalize(img)), "img_box": torch.tensor(box, dtype=torch.long)}

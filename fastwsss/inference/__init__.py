@@ -9,11 +9,10 @@ from .predict import (
            crf_params,
            load_model,
            make_crf_runner,
-           model_from_config,
            multiscale_seg_logits,
 )
 
 __all__ = ["CRF_MODE", "EVAL_MODES", "CRFParams", "CRFRunner", "ConfusionMatrix", "class_pixel_prior",
            "config_from_checkpoint", "crf_params", "dense_crf", "dense_crf_pydensecrf", "dense_crf_torch",
            "evaluate_model", "evaluate_predictions", "format_table", "load_model", "make_crf_runner",
-           "model_from_config", "multiscale_seg_logits", "results_json", "trivial_baselines"]
+           "multiscale_seg_logits", "results_json", "trivial_baselines"]

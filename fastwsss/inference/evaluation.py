@@ -15,8 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..data import IGNORE_INDEX, DataError, EvalDataset, SegmentationList, read_mask
-from ..kernels.par import DEFAULT_DILATIONS
-from ..pseudo import cam_to_label, multiscale_cams, refine_seg_label
+from ..pseudo import PseudoLabeller, cam_to_label, multiscale_cams
 from ..runtime import ONE_PROCESS, Dist, all_reduce_sum, shard
 from ..visualize import colorize, heatmap, palette_image, save_grid
 from .crf import CRFRunner
@@ -34,18 +33,13 @@ def evaluate_model(
     scales: tuple[float, ...],
     bkg_thresh: float,
     modes: tuple[str, ...] = ("cam", "aux-cam"),
-    high_thresh: float = 0.7,
-    low_thresh: float = 0.25,
+    labeller: PseudoLabeller | None = None,
     device: torch.device,
     autocast: Callable[[], object] = nullcontext,
     num_vis: int = 0,
     vis_path: str | Path | None = None,
     num_workers: int = 0,
     batch_size: int = 1,
-    par_dilations: tuple[int, ...] = DEFAULT_DILATIONS,
-    par_num_iter: int = 10,
-    par_backend: str = "auto",
-    round_denorm: bool = False,
     seg_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     crf: CRFRunner | None = None,
     save_dir: str | Path | None = None,
@@ -59,8 +53,8 @@ def evaluate_model(
       multi-scale + flip fusion of ``fastwsss.inference.predict``), else the single-scale logits upsampled;
     - ``seg-crf``: the same logits -> softmax -> dense CRF through ``crf`` (its worker pool runs while the model
       goes on; at most a few images are in flight);
-    - ``pseudo``: the PAR-refined training label made from the multi-scale CAM (SPEC §4.2), uncertain pixels
-      counted as background.
+    - ``pseudo``: the training label ``labeller`` makes from the multi-scale CAM (the method's, e.g. PAR-refined,
+      SPEC §4.2), uncertain pixels counted as background.
 
     Nothing is kept per image unless ``save_dir`` is given: then each mode's prediction is written as a palette PNG
     ``save_dir/<mode>/<name>.png``. A PNG grid of the first ``num_vis`` images goes to ``vis_path``.
@@ -75,6 +69,8 @@ def evaluate_model(
         raise ValueError(f"unknown evaluation modes {sorted(unknown)}; choose from {(*EVAL_MODES, CRF_MODE)}")
     if CRF_MODE in modes and crf is None:
         raise ValueError(f"mode {CRF_MODE!r} needs a CRFRunner (crf=...)")
+    if "pseudo" in modes and labeller is None:
+        raise ValueError("mode 'pseudo' needs the method's pseudo labeller (labeller=...)")
     if not dist.main:
         num_vis = 0
     C = dataset.items.num_classes
@@ -110,9 +106,7 @@ def evaluate_model(
             seg = F.interpolate(seg.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
             labels["seg"] = seg.argmax(1).cpu()
         if "pseudo" in modes:
-            pseudo = refine_seg_label(cams.float(), cls_label, x, None, high_thresh=high_thresh,
-                                      low_thresh=low_thresh, par_dilations=par_dilations, par_num_iter=par_num_iter,
-                                      par_backend=par_backend, round_denorm=round_denorm)
+            pseudo = labeller(cams.float(), cls_label, x)
             labels["pseudo"] = pseudo.masked_fill(pseudo == IGNORE_INDEX, 0).cpu()
         for m in modes:
             if m != CRF_MODE:

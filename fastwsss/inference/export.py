@@ -23,7 +23,8 @@ from ..config import Config
 from ..data import IGNORE_INDEX, DataError, class_names, open_split, read_image
 from ..data.transforms import normalize
 from ..files import DirLock, atomic_write, remove_stale_temps
-from ..pseudo import multiscale_cams, refine_seg_label
+from ..methods import build_method
+from ..pseudo import multiscale_cams
 from ..runtime import ONE_PROCESS, Dist, all_gather_objects, broadcast_object, make_autocast, shard
 from ..visualize import cam_tiles, colorize, heatmap, overlay, palette_image, save_grid
 from .predict import make_crf_runner, multiscale_seg_logits
@@ -184,6 +185,7 @@ def _run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: Path,
     used += [] if pseudo or i.fusion == "coco" else list(i.scales)  # coco: resized to coco_size first
     min_side = math.ceil(patch / min(used)) if used else 1
     runner = make_crf_runner(cfg, device) if crf and todo else None
+    labeller = build_method(cfg).pseudo_labeller()  # the PAR-refined training label (SPEC §4.2; 255 uncertain)
     waiting: dict[str, tuple[np.ndarray, torch.Tensor, np.ndarray | None]] = {}  # images the CRF still holds
     failures: list[dict] = []
     done = 0
@@ -222,7 +224,8 @@ def _run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: Path,
                 cams = multiscale_cams(model, x, tuple(c.scales))[0].float() if want_cams else None
                 if pseudo:
                     fused = None
-                    label = pseudo_label(cfg, cams, torch.from_numpy(item.cls_label)[None].to(device), x)
+                    label = labeller(cams, torch.from_numpy(item.cls_label)[None].to(device).float(), x)
+                    label = label[0].to(torch.uint8).cpu().numpy()
                 else:
                     fused = multiscale_seg_logits(model, x, scales=tuple(i.scales), fusion=i.fusion,
                                                   coco_size=i.coco_size)[0]
@@ -257,15 +260,6 @@ def _run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: Path,
     if dist.main:
         atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     return summary
-
-
-def pseudo_label(cfg: Config, cams: torch.Tensor, cls_label: torch.Tensor, x: torch.Tensor) -> np.ndarray:
-    """Multi-scale CAMs [1, C-1, H, W] -> the PAR-refined training label [H, W] uint8 (SPEC §4.2; 255 uncertain)."""
-    c = cfg.cam
-    label = refine_seg_label(cams, cls_label.float(), x, None, high_thresh=c.high_thresh, low_thresh=c.low_thresh,
-                             par_dilations=tuple(c.par_dilations), par_num_iter=c.par_num_iter,
-                             par_backend=cfg.kernels.backend, round_denorm=cfg.quirks.round_denorm)
-    return label[0].to(torch.uint8).cpu().numpy()
 
 
 def print_summary(summary: dict) -> None:

@@ -1,10 +1,8 @@
-"""From a config or a checkpoint to predictions: the model a config describes, the model of a checkpoint with its own
-config, multi-scale + flip segmentation logits with the VOC and COCO fusion rules (SPEC §10), and the dense-CRF
+"""From a checkpoint to predictions: the model of a checkpoint with its own config, multi-scale + flip segmentation logits with the VOC and COCO fusion rules (SPEC §10), and the dense-CRF
 runner configured by ``infer.*``. Used by training (the model), ``fastwsss.infer`` and ``fastwsss.evaluate``."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -16,7 +14,8 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint, load_weights
 from ..config import Config, ConfigError, InferConfig, ModelConfig, load_config
-from ..models import LoadReport, WSSSNet, build_model, create_vit, load_pretrained
+from ..methods import build_method
+from ..models import LoadReport, WSSSNet, create_vit, load_pretrained
 from .crf import CRFParams, CRFRunner
 
 log = logging.getLogger("fastwsss")
@@ -67,14 +66,6 @@ def multiscale_seg_logits(model: torch.nn.Module, x: torch.Tensor, *, scales: Se
     return fused
 
 
-def model_from_config(model: ModelConfig, num_classes: int, projector: dict | None = None) -> WSSSNet:
-    """The network ``model.*`` describes (pretrained weights loaded when asked), with ``num_classes`` classes;
-    ``projector`` (ProjectionHead kwargs) adds the contrast projector and its EMA teacher."""
-    kwargs = dataclasses.asdict(model)
-    del kwargs["pretrained_source"]  # what a paper config expects: named in an error, not built
-    return build_model(num_classes, projector=projector, **kwargs)
-
-
 def check_weights(model: ModelConfig) -> LoadReport:
     """How the file ``model.pretrained`` maps onto the backbone ``model.*`` describes: loaded, missing, unexpected
     and resampled tensors (missing ones are reported, not raised: that is what the report is for)."""
@@ -98,20 +89,21 @@ def config_from_checkpoint(state: dict, overrides: Sequence[str] = ()) -> Config
 
 def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device: torch.device | str = "cpu"
                ) -> tuple[WSSSNet, Config, int]:
-    """Checkpoint file (or run directory) -> (model in eval mode on ``device``, its config, its iteration).
+    """Checkpoint file (or run directory) -> (the network its method predicts with, in eval mode on ``device``; its
+    config; its iteration).
 
-    The model is built from the checkpoint's config with no pretrained-weight loading (every weight comes from the
-    checkpoint) and without the contrast projector, which inference never uses."""
+    The method's whole network is built from the checkpoint's config with no pretrained-weight loading (every
+    weight comes from the checkpoint, checked tensor by tensor), then ``method.predictor`` picks what predicts."""
     state = load_checkpoint(checkpoint)
     cfg = config_from_checkpoint(state, overrides)
     cfg.model.pretrained = "none"
-    model = model_from_config(cfg.model, cfg.data.num_classes)
-    weights = {k: v for k, v in state["model"].items() if not k.startswith(("proj_head.", "proj_head_t."))}
-    load_weights(model, weights, state["path"])
-    if cfg.train.method == "cam":
-        log.warning("%s was trained with train.method=cam: its segmentation head was never trained, so 'seg' "
-                    "predictions are meaningless (CAM modes and --pseudo are fine)", state["path"])
-    return model.to(device).eval(), cfg, int(state["iteration"])
+    method = build_method(cfg)
+    model = method.build_model()
+    load_weights(model, state["model"], state["path"])
+    if not method.trains_segmentation:
+        log.warning("%s was trained with train.method=%s, which never trains the segmentation head: 'seg' "
+                    "predictions are meaningless (CAM modes and --pseudo are fine)", state["path"], method.name)
+    return method.predictor(model).to(device).eval(), cfg, int(state["iteration"])
 
 
 def crf_params(cfg: InferConfig) -> CRFParams:

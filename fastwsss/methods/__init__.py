@@ -1,9 +1,36 @@
-"""The methods (SPEC §5-§7): one training step's loss terms (``TrainStep``, ``compute_losses``), the local views that set ToCo and
-MCC apart (``LOCAL_VIEWS``) and the loss functions. A third method adds its views function to ``LOCAL_VIEWS``."""
+"""The methods: one file each (``cam.py``, ``toco.py``, ``mcc.py``) on one protocol (``base.Method``), the pieces
+they share (``common.py``, ``losses.py``), and the registry that ``train.method`` names an entry of.
 
-from .losses import contrast_loss, reg_loss, seg_loss
-from .step import LOG_NAMES, Term, TrainStep, compute_losses, counts, ema_step, make_targets, term_weights
-from .views import LOCAL_VIEWS, mcc_local_views, toco_local_views
+A new method is a new file with a ``Method`` subclass, registered with :func:`register` (README "Adding a method").
+"""
 
-__all__ = ["LOCAL_VIEWS", "LOG_NAMES", "Term", "TrainStep", "compute_losses", "contrast_loss", "counts", "ema_step",
-           "make_targets", "mcc_local_views", "reg_loss", "seg_loss", "term_weights", "toco_local_views"]
+from __future__ import annotations
+
+from ..config import Config, register_method
+from .base import Iteration, Method, Term, idle_anchor
+from .cam import CAM
+from .mcc import MCC
+from .toco import ToCo
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(method: type[Method]) -> type[Method]:
+    """Make ``method`` the entry ``method.name`` of the registry (``train.method=<name>``) and its ``config`` the
+    config section of that name. Usable as a class decorator; registering a name again replaces the entry."""
+    register_method(method.name, method.config)
+    METHODS[method.name] = method
+    return method
+
+
+def build_method(cfg: Config) -> Method:
+    """The method ``train.method`` names, for ``cfg``."""
+    if cfg.train.method not in METHODS:
+        raise ValueError(f"train.method={cfg.train.method!r} is not a registered method ({', '.join(METHODS)})")
+    return METHODS[cfg.train.method](cfg)
+
+
+for _method in (CAM, ToCo, MCC):
+    register(_method)
+
+__all__ = ["CAM", "MCC", "METHODS", "Iteration", "Method", "Term", "ToCo", "build_method", "idle_anchor", "register"]

@@ -17,8 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._compat import ensure_torchvision
-from ..kernels import device_reasons, resolve_backend
-from ..kernels.attention import masked_self_attention, packed_self_attention
 
 log = logging.getLogger(__name__)
 
@@ -165,93 +163,3 @@ def load_pretrained(vit: nn.Module, path: str | Path, strict: bool = True) -> Lo
     vit.load_state_dict(to_load, strict=False)
     (log.warning if report.missing or report.unexpected else log.info)("%s", report)
     return report
-
-
-def _run_blocks(vit: nn.Module, t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """All blocks with a key mask [V, 1+L] (True = visible) applied to the attention of every block; returns the
-    final-norm class token [V, D]. A masked key gets weight exactly 0 (-inf, or the reference's -1e12: exp
-    underflows to 0 either way), and the class token is always a visible key, so no row is empty."""
-    mask = None if keep is None else keep[:, None, None, :]  # [V, 1, 1, 1+L], broadcast over heads and queries
-    for blk in vit.blocks:
-        t = blk(t, attn_mask=mask)
-    return vit.norm(t)[:, 0]
-
-
-def _residual(blk: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-    """The rest of a timm ``Block`` around its attention output: ls1 / drop_path1 residual, then norm2 -> mlp."""
-    x = x + blk.drop_path1(blk.ls1(attn_out))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-
-
-def _check_grid(grid: tuple[int, int], num_tokens: int) -> None:
-    if grid[0] * grid[1] != num_tokens:
-        raise ValueError(f"key_keep has {num_tokens} tokens per mask, the images give a {grid[0]}x{grid[1]} grid")
-
-
-def _kernel_backend(op: str, x: torch.Tensor, backend: str) -> str:
-    return resolve_backend(backend, op, device_reasons(x))
-
-
-def masked_class_tokens(vit: nn.Module, x: torch.Tensor, key_keep: torch.Tensor, backend: str = "torch"
-                        ) -> torch.Tensor:
-    """Reference MCC local forward: images [B, 3, H, W] with M key masks [B, M, N] (True = visible) ->
-    class tokens [B, M, D]. Each image is replicated M times and run over all N patches with masked keys.
-
-    With the Triton backend the images are embedded once and block 1 runs all M masks over the shared tokens in
-    one masked-key attention launch; the views then differ and blocks 2.. run one mask per view."""
-    B, M, N = key_keep.shape
-    if _kernel_backend("masked_class_tokens", x, backend) == "triton":
-        t, grid = embed_tokens(vit, x)  # [B, 1+N, D]
-        _check_grid(grid, N)
-        keep = torch.cat([key_keep.new_ones(B, M, 1), key_keep], dim=2)  # [B, M, 1+N]
-        first, *rest = vit.blocks
-        t = _residual(first, t[:, None], masked_self_attention(first.attn, first.norm1(t), keep, "triton"))
-        t, keep = t.flatten(0, 1), keep.flatten(0, 1)[:, None]  # [B*M, 1+N, D], [B*M, 1, 1+N]
-        for blk in rest:
-            t = _residual(blk, t, masked_self_attention(blk.attn, blk.norm1(t), keep, "triton")[:, 0])
-        return vit.norm(t[:, 0]).reshape(B, M, -1)
-    t, grid = embed_tokens(vit, x.repeat_interleave(M, dim=0))  # [B*M, 1+N, D]
-    _check_grid(grid, N)
-    keep = torch.cat([key_keep.new_ones(B * M, 1), key_keep.reshape(B * M, N)], dim=1)
-    return _run_blocks(vit, t, keep).reshape(B, M, -1)
-
-
-def dropped_class_tokens(vit: nn.Module, x: torch.Tensor, key_keep: torch.Tensor, backend: str = "torch"
-                         ) -> torch.Tensor:
-    """Exact fast path of :func:`masked_class_tokens`: masked keys weigh 0 in every layer and everything else is
-    per token, so the class token only depends on (class token + visible tokens). Each image is embedded once;
-    each view keeps its visible tokens (with their position embeddings), padded to the step's largest view.
-    With the Triton backend the views are packed instead (:func:`packed_class_tokens`)."""
-    if _kernel_backend("dropped_class_tokens", x, backend) == "triton":
-        return packed_class_tokens(vit, x, key_keep, "triton")
-    B, M, N = key_keep.shape
-    t, grid = embed_tokens(vit, x)  # [B, 1+N, D]
-    _check_grid(grid, N)
-    counts = key_keep.sum(-1)  # [B, M]
-    L = int(counts.max())  # one host sync per step
-    order = torch.argsort((~key_keep).to(torch.int8), dim=-1, stable=True)[..., :L]  # visible indices first
-    patches = torch.gather(t[:, 1:].unsqueeze(1).expand(B, M, N, t.shape[-1]), 2,
-                           order.unsqueeze(-1).expand(B, M, L, t.shape[-1]))  # [B, M, L, D]
-    cls = t[:, :1].unsqueeze(1).expand(B, M, 1, t.shape[-1])
-    seq = torch.cat([cls, patches], dim=2).reshape(B * M, 1 + L, -1)
-    valid = torch.arange(L, device=x.device) < counts.reshape(B * M, 1)  # padding is masked like hidden keys
-    keep = torch.cat([valid.new_ones(B * M, 1), valid], dim=1)
-    return _run_blocks(vit, seq, keep).reshape(B, M, -1)
-
-
-def packed_class_tokens(vit: nn.Module, x: torch.Tensor, key_keep: torch.Tensor, backend: str = "auto"
-                        ) -> torch.Tensor:
-    """Token dropping without padding: the (class token + visible tokens) of all B·M views form one packed
-    sequence [T, D] (cu_seqlens bounds) that every block runs at once, attention block-diagonal per view
-    (``varlen_attention``). Same result as :func:`dropped_class_tokens`. Drop-path, if any, would act per token
-    here (the project's ViT has none)."""
-    B, M, N = key_keep.shape
-    t, grid = embed_tokens(vit, x)  # [B, 1+N, D]
-    _check_grid(grid, N)
-    keep = torch.cat([key_keep.new_ones(B, M, 1), key_keep], dim=2)  # [B, M, 1+N]: class token first
-    rows = torch.arange(B * (1 + N), device=x.device).reshape(B, 1, 1 + N).expand(B, M, 1 + N)[keep]  # one sync
-    cu_seqlens = F.pad(keep.sum(-1).flatten().cumsum(0), (1, 0)).to(torch.int32)  # [B*M + 1]
-    seq = t.reshape(B * (1 + N), -1)[rows]  # [T, D], view by view
-    for blk in vit.blocks:
-        seq = _residual(blk, seq, packed_self_attention(blk.attn, blk.norm1(seq), cu_seqlens, backend))
-    return vit.norm(seq[cu_seqlens[:-1].long()]).reshape(B, M, -1)

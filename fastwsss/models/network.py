@@ -10,7 +10,6 @@ from torch import nn
 
 from ..runtime import fp32_arithmetic
 from .backbone import forward_features
-from .projector import ProjectionHead, make_teacher
 
 
 class LargeFOV(nn.Sequential):
@@ -47,11 +46,11 @@ def max_pool_logits(feat: torch.Tensor, classifier: nn.Conv2d) -> torch.Tensor:
 
 
 class WSSSNet(nn.Module):
+    """The network every method starts from; a method adds its own modules (a projector, a teacher) as children
+    (``add_module``), so they train, checkpoint and load with it."""
+
     def __init__(self, backbone: nn.Module, num_classes: int, *, aux_layer: int = -3,
-                 decoder_channels: int = 512, decoder_dilation: int = 5,
-                 projector: dict | None = None):
-        """``projector``: ProjectionHead kwargs (out_dim, hidden_dim, bottleneck_dim) for the contrast methods;
-        adds ``proj_head`` and its EMA teacher ``proj_head_t`` (no grad)."""
+                 decoder_channels: int = 512, decoder_dilation: int = 5):
         super().__init__()
         self.backbone = backbone
         depth = len(backbone.blocks)
@@ -63,9 +62,6 @@ class WSSSNet(nn.Module):
         self.classifier = nn.Conv2d(dim, num_classes - 1, 1, bias=False)
         self.aux_classifier = nn.Conv2d(dim, num_classes - 1, 1, bias=False)
         self.decoder = LargeFOV(dim, num_classes, decoder_channels, decoder_dilation)
-        if projector is not None:
-            self.proj_head = ProjectionHead(dim, **projector)
-            self.proj_head_t = make_teacher(self.proj_head)
 
     def head_modules(self) -> list[nn.Module]:
         """Modules trained at the head learning rate (everything but the backbone)."""

@@ -4,6 +4,7 @@ roi map that the local views' flags are cut from (SPEC §5, §6)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,28 @@ def refine_seg_label(
     if img_box is not None:
         label = ignore_outside_box(label, img_box, ignore_index)
     return label
+
+
+@dataclass(frozen=True)
+class PseudoLabeller:
+    """CAMs -> PAR-refined segmentation labels (:func:`refine_seg_label`) with fixed settings: the one labeller that
+    training, evaluation and the pseudo-label export share (a method makes it from the config). Picklable."""
+
+    high_thresh: float = 0.7
+    low_thresh: float = 0.25
+    par_dilations: tuple[int, ...] = DEFAULT_DILATIONS
+    par_num_iter: int = 10
+    backend: str = "auto"
+    round_denorm: bool = False
+
+    def __call__(self, cams: torch.Tensor, cls_label: torch.Tensor, images: torch.Tensor,
+                 img_box: torch.Tensor | None = None) -> torch.Tensor:
+        """CAMs [B, C-1, H, W], labels [B, C-1], normalised images [B, 3, H, W] -> labels [B, H, W] (255 uncertain
+        or outside ``img_box``)."""
+        return refine_seg_label(cams, cls_label, images, img_box, high_thresh=self.high_thresh,
+                                low_thresh=self.low_thresh, par_dilations=self.par_dilations,
+                                par_num_iter=self.par_num_iter, par_backend=self.backend,
+                                round_denorm=self.round_denorm)
 
 
 def scale_box(img_box: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:

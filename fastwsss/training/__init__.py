@@ -1,6 +1,11 @@
-"""Training: the loop (``train``), the optimiser and its schedule, and what a run logs."""
+"""Training: the loop (``train``), one step's forwards and backwards (``step``), the step guard, the optimiser and
+its schedule, the periodic evaluation, and what a run logs."""
 
-from .loop import Evaluator, StepGuard, TrainingInterrupted, train
+from .evaluator import Evaluator
+from .guard import StepGuard
+from .loop import TrainingInterrupted, train
 from .optim import build_optimizer, lr_multiplier, set_lr
+from .step import StepModule, forward_backward
 
-__all__ = ["Evaluator", "StepGuard", "TrainingInterrupted", "build_optimizer", "lr_multiplier", "set_lr", "train"]
+__all__ = ["Evaluator", "StepGuard", "StepModule", "TrainingInterrupted", "build_optimizer", "forward_backward",
+           "lr_multiplier", "set_lr", "train"]

@@ -1,11 +1,12 @@
-"""The optimiser and its schedule (SPEC §9): AdamW with the encoder and the heads in two groups, linear warm-up
-then poly decay on the global step."""
+"""The optimiser and its schedule (SPEC §9): AdamW over the method's parameter groups (by default the encoder and
+the heads), linear warm-up then poly decay on the global step."""
 
 from __future__ import annotations
 
 import torch
 
 from ..config import Config
+from ..methods import Method
 from ..models import WSSSNet
 
 
@@ -16,13 +17,11 @@ def lr_multiplier(step: int, *, max_iters: int, warmup_iters: int, warmup_ratio:
     return (1.0 - step / max_iters) ** power
 
 
-def build_optimizer(model: WSSSNet, cfg: Config) -> torch.optim.AdamW:
-    """AdamW, two groups: encoder at ``optim.lr``, heads at ``optim.lr * optim.head_lr_mult``."""
+def build_optimizer(model: WSSSNet, method: Method, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over ``method.param_groups(model)`` (each group's ``initial_lr`` is scaled by the schedule)."""
     o = cfg.optim
-    heads = [p for m in model.head_modules() for p in m.parameters() if p.requires_grad]
-    encoder = [p for p in model.backbone.parameters() if p.requires_grad]
-    groups = [{"params": encoder, "initial_lr": o.lr}, {"params": heads, "initial_lr": o.lr * o.head_lr_mult}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(method.param_groups(model), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             weight_decay=o.weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: Config) -> float:

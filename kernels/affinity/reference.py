@@ -46,10 +46,14 @@ def token_affinity_sums_reference(feats: Tensor, labels: Tensor, absolute: bool 
                         neg.sum().to(ct)])
 
 
-def loss_from_sums(sums: Tensor) -> Tensor:
-    """[Σ_P s, |P|, Σ_Nn s, |Nn|] -> L = 0.5·(1 − Σ_P s / (|P| + 1)) + 0.5·Σ_Nn s / (|Nn| + 1)."""
+def loss_from_sums(sums: Tensor, parts: int = 1) -> Tensor:
+    """[Σ_P s, |P|, Σ_Nn s, |Nn|] -> L = 0.5·(1 − Σ_P s / (|P| + 1)) + 0.5·Σ_Nn s / (|Nn| + 1).
+
+    ``parts`` > 1: the share of one of ``parts`` parts of a batch (processes, micro-batches) whose sums Σ_P s, Σ_Nn s
+    are the part's own and whose counts |P|, |Nn| are the whole batch's; the constant 0.5 is split evenly, so the
+    parts' shares add up to the whole batch's loss."""
     sp, n_p, sn, n_n = sums.unbind()
-    return 0.5 * (1 - sp / (n_p + 1)) + 0.5 * sn / (n_n + 1)
+    return 0.5 * (1 / parts - sp / (n_p + 1)) + 0.5 * sn / (n_n + 1)
 
 
 def token_affinity_loss_reference(feats: Tensor, labels: Tensor, absolute: bool = True,

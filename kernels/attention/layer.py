@@ -244,3 +244,19 @@ def swap_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
             if _is_timm_attention(child):
                 setattr(module, name, MaskedKeyAttention.from_attention(child, backend))
     return model
+
+
+def block_forward(block: nn.Module, x: Tensor, *, key_keep: Tensor | None = None,
+                  cu_seqlens: Tensor | None = None) -> Tensor:
+    """A timm ``Block`` whose ``attn`` is a :class:`MaskedKeyAttention`, with the attention's extra inputs:
+    ``key_keep`` [B, M, N] (M masks over x's tokens: the result is [B, M, N, C]) or ``cu_seqlens`` (packed
+    sequences x [T, C]). With neither it is ``block(x)``."""
+    if key_keep is not None:
+        a = block.attn(block.norm1(x), key_keep=key_keep)
+        x = x[:, None] if a.ndim == x.ndim + 1 else x
+    elif cu_seqlens is not None:
+        a = packed_self_attention(block.attn, block.norm1(x), cu_seqlens, block.attn.backend)
+    else:
+        return block(x)
+    x = x + block.drop_path1(block.ls1(a))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
