@@ -20,7 +20,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastwsss.data.transforms import random_key_masks
 from fastwsss.kernels.attention import (
     masked_key_attention,
     masked_key_attention_ref,
@@ -28,6 +27,7 @@ from fastwsss.kernels.attention import (
     varlen_attention_ref,
 )
 from fastwsss.kernels.testing import DEVICE, GPU, assert_close
+from fastwsss.methods.mcc import random_key_masks
 
 DTYPE = torch.bfloat16 if GPU else torch.float32
 # (out, grads) vs the fp32 reference on the same inputs: |out − ref| <= tol·(|ref| + max(rms(ref), 0.1)), the

@@ -149,7 +149,6 @@ def run_cases(rec: Recorder, quick: bool) -> None:
     import torch.nn.functional as F
     from torch import nn
 
-    from fastwsss.data.transforms import random_key_masks
     from fastwsss.inference.crf import CRFParams, dense_crf_torch
     from fastwsss.kernels import (
         PermutohedralLattice,
@@ -161,6 +160,7 @@ def run_cases(rec: Recorder, quick: bool) -> None:
     from fastwsss.kernels._backend import TRITON_DTYPES
     from fastwsss.kernels.attention import MaskedKeyAttention, masked_self_attention, packed_self_attention
     from fastwsss.methods.losses import reg_loss
+    from fastwsss.methods.mcc import random_key_masks
     from fastwsss.pseudo import refine_seg_label
 
     dtypes = TRITON_DTYPES

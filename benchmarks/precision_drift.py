@@ -4,7 +4,8 @@
     python benchmarks/precision_drift.py --checkpoint runs/demo/<stamp> train.method=toco   # a checkpoint's weights
     python benchmarks/precision_drift.py --warmup-iters 0 model.backbone=deit_small_patch16_224 ...   # any config
 
-Runs ``compute_losses`` three times on copies of one model and one batch (same RNG state): in fp32; under
+Runs one training step of the method (``fastwsss.methods``) three times on copies of one model and one batch (same
+RNG state): in fp32; under
 ``torch.autocast(<device>, bfloat16)`` as fastwsss computes it (CAMs and labels in fp32 from the bf16 forward); and
 under autocast with the CAM computed in bf16 (how fastwsss computed it before the labels were held to fp32). Prints,
 for each bf16 path against fp32: the fraction of CAM-derived labels that differ (segmentation pseudo label, token
@@ -21,50 +22,37 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastwsss import pseudo
 from fastwsss.checkpoint import check_model_layout, load_checkpoint
 from fastwsss.config import load_config
 from fastwsss.data import ResumableSampler, TrainDataset, open_splits
-from fastwsss.inference.predict import config_from_checkpoint, model_from_config
-from fastwsss.methods import step as methods  # compute_losses looks its helpers up here: the patches go here
+from fastwsss.inference.predict import config_from_checkpoint
+from fastwsss.methods import Method, build_method
 from fastwsss.models import WSSSNet
 from fastwsss.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one_batch(cfg, model, seed: int) -> dict:
-    d, c = cfg.data, cfg.contrast
-    patch = model.backbone.patch_embed.patch_size[0]
-    items, _ = open_splits(d)
-    ds = TrainDataset(items, crop_size=d.crop_size, rescale_range=tuple(d.rescale_range), seed=seed,
-                      jitter_p=d.color_jitter_p, gray_p=d.grayscale_p, blur_p=d.blur_p, views="contrast",
-                      num_masks=c.num_local if cfg.train.method == "mcc" else 0, mask_grid=(d.crop_size // patch,) * 2,
-                      mask_prob=c.mcc_mask_prob, mask_cell=c.mcc_mask_cell)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size,
+def one_batch(method: Method, model: WSSSNet, seed: int) -> dict:
+    items, _ = open_splits(method.cfg.data)
+    ds = TrainDataset(items, method.sample_views(model), seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=method.cfg.train.batch_size,
                                          sampler=ResumableSampler(len(ds), seed, 0))
     return next(iter(loader))
 
 
-def recorded_step(model: WSSSNet, batch: dict, step: int, cfg, autocast: bool, bf16_cam: bool) -> dict:
-    """compute_losses on a copy of the model; returns the unweighted terms and the labels the step made."""
+def recorded_step(method: Method, model: WSSSNet, batch: dict, step: int, autocast: bool, bf16_cam: bool) -> dict:
+    """One step of ``method`` on a copy of the model; returns the unweighted terms and the labels the step made."""
     model = copy.deepcopy(model)  # the step's EMA update must not carry over to the next path
     seen: dict[str, torch.Tensor] = {}
+    local_views = method.local_views
 
-    def record(name, fn):
-        def wrapped(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            seen[name] = (out[1] if isinstance(out, tuple) else out).detach().clone()
-            if name == "seg_label":  # the CAMs of the image's classes, as the labels see them
-                seen["cams_in"] = (args[0].float() * args[1][:, :, None, None].float()).detach().clone()
-            return out
-        return wrapped
+    def recording_views(*args, **kwargs):
+        tokens, flags = local_views(*args, **kwargs)
+        seen["flags"] = flags.detach().clone()
+        return tokens, flags
 
-    patches = [(methods, "refine_seg_label", record("seg_label", pseudo.refine_seg_label)),
-               (methods, "affinity_label", record("aff_label", pseudo.affinity_label))]
-    views = dict(methods.LOCAL_VIEWS)
-    views[cfg.train.method] = record("flags", methods.LOCAL_VIEWS[cfg.train.method])
-    patches.append((methods, "LOCAL_VIEWS", views))
+    patches = [(method, "local_views", recording_views)]
     if bf16_cam:  # before: the CAM conv ran under autocast
         def cams_from(self, out):
             return (F.conv2d(out.feat.detach(), self.classifier.weight.detach()),
@@ -77,8 +65,14 @@ def recorded_step(model: WSSSNet, batch: dict, step: int, cfg, autocast: bool, b
         torch.manual_seed(0)
         device = batch["img"].device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            terms = methods.compute_losses(model, batch, step, cfg)
+            it = method.iteration(step)
+            method.before_step(model, step)
+            out = method.forward(model, batch, it)
+            targets = method.targets(model, batch, it, out)
+            terms = method.terms(model, batch, it, targets, method.counts(targets, batch), 1, out)
         seen["terms"] = {k: t.value.item() for k, t in terms.items()}
+        seen["seg_label"], seen["aff_label"] = targets.seg_label, targets.aff_label
+        seen["cams_in"] = targets.cams.float() * batch["cls_label"][:, :, None, None].float()  # as the labels see them
     finally:
         for obj, name, value in saved:
             setattr(obj, name, value)
@@ -122,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg.train.device = "cpu"
     step = max(cfg.loss.aff_start, cfg.loss.con_start, cfg.loss.seg_start, cfg.loss.reg_start)  # every term on
     torch.manual_seed(cfg.train.seed)
-    projector = {"out_dim": cfg.contrast.proj_dim, "hidden_dim": cfg.contrast.proj_hidden,
-                 "bottleneck_dim": cfg.contrast.proj_bottleneck}
-    model = model_from_config(cfg.model, cfg.data.num_classes, projector)
+    method = build_method(cfg)
+    if not hasattr(method, "local_views"):
+        parser.error(f"train.method={cfg.train.method}: the drift is measured on a method with local views (toco, mcc)")
+    model = method.build_model()
     weights = None
     if args.checkpoint:  # e.g. a classification-only (train.method=cam) run: no projector in it
         weights = state["model"]
@@ -141,13 +136,13 @@ def main(argv: list[str] | None = None) -> None:
         missing, _ = model.load_state_dict(weights, strict=False)
         assert all(k.startswith(("proj_head.", "proj_head_t.")) for k in missing), missing
     model.train()
-    batch = one_batch(cfg, model, args.seed)
-    names = methods.LOG_NAMES[cfg.train.method]
+    batch = one_batch(method, model, args.seed)
+    names = method.log_names
     print(f"{cfg.name}: method {cfg.train.method}, backbone {cfg.model.backbone} (dim {model.backbone.embed_dim}, "
           f"depth {len(model.backbone.blocks)}), crop {cfg.data.crop_size}, batch {cfg.train.batch_size}, step {step}, "
           f"threads {torch.get_num_threads()}")
-    ref = recorded_step(model, batch, step, cfg, autocast=False, bf16_cam=False)
-    paths = [recorded_step(model, batch, step, cfg, autocast=True, bf16_cam=b) for b in (False, True)]
+    ref = recorded_step(method, model, batch, step, autocast=False, bf16_cam=False)
+    paths = [recorded_step(method, model, batch, step, autocast=True, bf16_cam=b) for b in (False, True)]
     print("| fp32 vs bf16 autocast | fp32 value | bf16, labels in fp32 (now) | bf16, CAM conv in bf16 (before) |")
     print("|---|---|---|---|")
     print("\n".join(compare(ref, paths, names)))

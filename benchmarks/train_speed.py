@@ -30,8 +30,8 @@ from fastwsss.data.synthetic import generate_dataset
 from fastwsss.training import train
 
 PATHS = {
-    "reference": ["train.precision=fp32", "kernels.backend=torch", "contrast.mcc_forward=masked"],
-    "fast": ["train.precision=bf16", "kernels.backend=auto", "contrast.mcc_forward=drop"],
+    "reference": ["train.precision=fp32", "kernels.backend=torch", "mcc.forward=masked"],
+    "fast": ["train.precision=bf16", "kernels.backend=auto", "mcc.forward=drop"],
 }
 SIZES = {"voc": (375, 500), "coco": (427, 640)}
 EVERY_TERM = ["loss.aff_start=0", "loss.con_start=0", "loss.seg_start=0", "loss.reg_start=0"]
@@ -39,7 +39,7 @@ RANDOM_WEIGHTS = ["model.pretrained=none"]  # speed and memory do not depend on 
 TINY = ["data.crop_size=64", "data.rescale_range=[0.75,1.25]", "model.backbone=deit_tiny_patch16_224",
         "model.img_size=64", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.aux_layer=-2",
         "model.num_heads=2",
-        "model.decoder_channels=16", "train.batch_size=2", "contrast.num_local=2", "contrast.toco_crop_size=32",
+        "model.decoder_channels=16", "train.batch_size=2", "contrast.num_local=2", "toco.crop_size=32",
         "cam.scales=[1.0]"]
 
 
@@ -68,7 +68,7 @@ def measure(config: str, path: str, iters: int, data_root: Path, run_dir: Path, 
     rate = statistics.mean(steady)
     return {"config": config, "path": path, "iters": iters, "batch_size": cfg.train.batch_size,
             "crop_size": cfg.data.crop_size, "backbone": cfg.model.backbone, "precision": cfg.train.precision,
-            "kernels_backend": cfg.kernels.backend, "mcc_forward": cfg.contrast.mcc_forward,
+            "kernels_backend": cfg.kernels.backend, "mcc_forward": cfg.mcc.forward,
             "it_per_s": round(rate, 3), "s_per_iter": round(1 / rate, 4), "intervals_it_per_s": rates,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "wall_s": round(wall, 1), "device": torch.cuda.get_device_name() if cuda else "cpu"}

@@ -7,7 +7,7 @@ from PIL import Image
 
 from fastwsss.data import DataError, EvalDataset, ResumableSampler, SegmentationList, TrainDataset
 from fastwsss.data.synthetic import generate_dataset
-from fastwsss.data.transforms import augment, random_pad_crop
+from fastwsss.data.transforms import CropViews, augment, random_pad_crop
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +66,12 @@ def test_missing_paths_are_named(synthetic_root, tmp_path):
     items = SegmentationList(root, "train")
     (root / "JPEGImages/b.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="corrupt or unreadable image .*b.jpg"):
-        TrainDataset(items, crop_size=8, rescale_range=(1, 1), seed=0)[(1, 0)]
+        TrainDataset(items, CropViews(8, (1, 1)), seed=0)[(1, 0)]
 
 
 def test_train_sample_and_img_box_of_padded_crop(synthetic_root):
     items = SegmentationList(synthetic_root, "train_aug", num_classes=7)
-    ds = TrainDataset(items, crop_size=64, rescale_range=(0.5, 0.5), seed=0)  # 48 px -> 24 px: always padded
+    ds = TrainDataset(items, CropViews(64, (0.5, 0.5)), seed=0)  # 48 px -> 24 px: always padded
     s = ds[(0, 5)]
     assert s["img"].shape == (3, 64, 64) and s["img"].dtype == torch.float32
     h0, h1, w0, w1 = s["img_box"].tolist()

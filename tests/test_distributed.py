@@ -38,7 +38,7 @@ LR = 1e-3  # conftest's optim.lr
 WEIGHT_ATOL = LR / 10
 METHOD_OVERRIDES = {
     "cam": [],
-    "toco": ["loss.seg_start=0", "loss.reg_start=0", "contrast.toco_crop_size=16", "contrast.proj_hidden=64",
+    "toco": ["loss.seg_start=0", "loss.reg_start=0", "toco.crop_size=16", "contrast.proj_hidden=64",
              "contrast.proj_bottleneck=16", "contrast.proj_dim=32", "contrast.num_local=3"],
 }
 METHOD_OVERRIDES["mcc"] = METHOD_OVERRIDES["toco"]

@@ -14,7 +14,7 @@ from fastwsss.training import train
 _LATTICE = fk.PermutohedralLattice
 STEPS = 3
 OVERRIDES = ["train.method=toco", "train.max_iters=100", f"train.stop_at={STEPS}", "train.log_interval=1",
-             "train.eval_interval=100", "train.ckpt_interval=100", "loss.seg_start=0", "loss.reg_start=0", "contrast.toco_crop_size=16",
+             "train.eval_interval=100", "train.ckpt_interval=100", "loss.seg_start=0", "loss.reg_start=0", "toco.crop_size=16",
              "contrast.proj_hidden=64", "contrast.proj_bottleneck=16", "contrast.proj_dim=32", "contrast.num_local=3"]
 
 

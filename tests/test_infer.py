@@ -20,7 +20,7 @@ from fastwsss.inference.crf import CRFRunner
 from fastwsss.inference.evaluation import CRF_MODE, evaluate_model, evaluate_predictions
 from fastwsss.inference.export import list_images
 from fastwsss.inference.predict import load_model, multiscale_seg_logits
-from fastwsss.inference.predict import model_from_config as build_model
+from fastwsss.methods import build_method
 
 FAST = ["kernels.backend=torch", "infer.num_workers=0", "infer.scales=[1.0,0.5]", "infer.crf_workers=2"]
 
@@ -39,7 +39,7 @@ def checkpoint(tiny_config, tmp_path):
     """A checkpoint of the tiny model (random weights, fixed seed) with its config, as training writes it."""
     cfg = tiny_config(*FAST)
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.num_classes)
+    model = build_method(cfg).build_model()
     return save_checkpoint(tmp_path / "ckpt.pt", {"iteration": 7, "model": model.state_dict(), "config": to_yaml(cfg)})
 
 
@@ -186,7 +186,8 @@ def test_streaming_evaluation_equals_evaluation_of_stored_predictions(checkpoint
     modes = ("cam", "seg", "pseudo", CRF_MODE)
     with CRFRunner(impl="pydensecrf", workers=2) as crf:
         streamed = evaluate_model(model, EvalDataset(items), scales=tuple(c.scales), bkg_thresh=c.bkg_thresh,
-                                  modes=modes, device=torch.device("cpu"), par_backend="torch", seg_fn=seg_fn,
+                                  modes=modes, labeller=build_method(cfg).pseudo_labeller(), device=torch.device("cpu"),
+                                  seg_fn=seg_fn,
                                   crf=crf, save_dir=tmp_path / "pred", batch_size=3)
     for m in modes:
         stored = evaluate_predictions(tmp_path / "pred" / m, items)
@@ -230,7 +231,7 @@ def test_pseudo_label_export(checkpoint, synthetic_root, tmp_path):
     model, cfg, _ = load_model(checkpoint)
     c = cfg.cam
     streamed = evaluate_model(model, EvalDataset(items), scales=tuple(c.scales), bkg_thresh=c.bkg_thresh,
-                              modes=("pseudo",), device=torch.device("cpu"), par_backend="torch")
+                              modes=("pseudo",), labeller=build_method(cfg).pseudo_labeller(), device=torch.device("cpu"))
     assert np.array_equal(evaluate_predictions(out / "masks", items).mat, streamed["pseudo"].mat)
     with pytest.raises(SystemExit):
         infer_main(["--checkpoint", str(checkpoint), "--images", str(tmp_path), "--pseudo", "--out", str(out)])

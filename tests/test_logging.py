@@ -7,12 +7,12 @@ import types
 import pytest
 from PIL import Image
 
-from fastwsss.methods import LOG_NAMES
+from fastwsss.methods import METHODS
 from fastwsss.plot import main as plot_main
 from fastwsss.plot import parse_log, plot_curves, run_series
 from fastwsss.training import train
 
-ALL_TERMS = ["loss.seg_start=0", "loss.reg_start=0", "contrast.toco_crop_size=16", "contrast.proj_hidden=64",
+ALL_TERMS = ["loss.seg_start=0", "loss.reg_start=0", "toco.crop_size=16", "contrast.proj_hidden=64",
              "contrast.proj_bottleneck=16", "contrast.proj_dim=32", "contrast.num_local=3", "train.max_iters=4",
              "train.eval_interval=4", "kernels.backend=torch"]
 WEIGHTS = {"cls": 1.0, "cls_aux": 1.0, "aff": 0.2, "con": 0.5, "seg": 0.1, "reg": 0.05}  # the defaults
@@ -41,7 +41,7 @@ def records(run):
 def test_log_names_unweighted_beside_weighted(toco_run):
     steps, evals = records(toco_run)
     assert [x["step"] for x in steps] == [2, 4] and [x["step"] for x in evals] == [4]
-    names = LOG_NAMES["toco"]
+    names = METHODS["toco"].log_names
     for record in steps:
         for term, name in names.items():
             assert record[term] == pytest.approx(WEIGHTS[term] * record[name], rel=1e-6), (term, record)
@@ -64,7 +64,7 @@ def test_log_names_unweighted_beside_weighted(toco_run):
 def test_mcc_log_names(tiny_config, tmp_path):
     train(tiny_config("train.method=mcc", *ALL_TERMS, "train.max_iters=2", "train.eval_interval=100"))
     (record,), _ = records(tmp_path / "run")
-    for term, name in LOG_NAMES["mcc"].items():
+    for term, name in METHODS["mcc"].log_names.items():
         assert record[term] == pytest.approx(WEIGHTS[term] * record[name], rel=1e-6), (term, record)
     assert {"aff_loss", "con_loss"} <= set(record) and "ptc_loss" not in record
 
@@ -81,7 +81,7 @@ def test_parse_official_log(tmp_path):
 
 def test_curves_png(toco_run, tmp_path, capsys):
     train_series, evals, names = run_series(toco_run)
-    assert names == list(LOG_NAMES["toco"].values()) and set(train_series) == {*names, "LR"}
+    assert names == list(METHODS["toco"].log_names.values()) and set(train_series) == {*names, "LR"}
     assert set(evals) == {"seg_miou", "cam_miou", "aux-cam_miou", "pseudo_miou"}
     assert all(0 <= v <= 100 for _, values in evals.values() for v in values)
     # 6 terms + LR + mIoU = 8 panels: 3 columns x 3 rows of 500 x 320 px
@@ -131,7 +131,7 @@ def test_tensorboard_logs_the_same_values(tiny_config, tmp_path, monkeypatch):
     assert scalars.pop("log_dir") == str(run / "tensorboard") and scalars.pop("closed")
     expected = {}
     for record in steps:
-        for term, name in LOG_NAMES["toco"].items():
+        for term, name in METHODS["toco"].log_names.items():
             expected[(f"loss/{name}", record["step"])] = record[name]
             expected[(f"loss_weighted/{name}", record["step"])] = record[term]
         for key in ("loss", "lr", "it_per_s"):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fastwsss.models import backbone
+from fastwsss.methods import mcc
 from fastwsss.training import train
 
 # contrast on from step 0; the terms that use other kernels (affinity, PAR, lattice) off, so `kernels.backend`
@@ -24,11 +24,11 @@ def _losses(run_dir) -> list[dict]:
 
 def test_mcc_steps_through_the_kernels_match_the_reference(tiny_config, tmp_path, monkeypatch):
     calls = []
-    packed = backbone.packed_class_tokens
-    monkeypatch.setattr(backbone, "packed_class_tokens", lambda *a, **k: calls.append(1) or packed(*a, **k))
-    train(tiny_config(*COMMON, "kernels.backend=torch", "contrast.mcc_forward=masked", f"run.dir={tmp_path / 'ref'}"))
+    packed = mcc.packed_class_tokens
+    monkeypatch.setattr(mcc, "packed_class_tokens", lambda *a, **k: calls.append(1) or packed(*a, **k))
+    train(tiny_config(*COMMON, "kernels.backend=torch", "mcc.forward=masked", f"run.dir={tmp_path / 'ref'}"))
     assert not calls
-    train(tiny_config(*COMMON, "kernels.backend=triton", "contrast.mcc_forward=drop", f"run.dir={tmp_path / 'fast'}"))
+    train(tiny_config(*COMMON, "kernels.backend=triton", "mcc.forward=drop", f"run.dir={tmp_path / 'fast'}"))
     assert len(calls) == 3  # one packed local-view forward per step
     ref, fast = _losses(tmp_path / "ref"), _losses(tmp_path / "fast")
     assert [x["step"] for x in ref] == [x["step"] for x in fast] == [1, 2, 3]

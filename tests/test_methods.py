@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from fastwsss.data.transforms import contrast_sample, denormalize, random_key_masks
-from fastwsss.methods import term_weights
+from fastwsss.data.transforms import contrast_sample, denormalize
+from fastwsss.methods import build_method
 from fastwsss.methods.losses import contrast_loss, seg_loss
+from fastwsss.methods.mcc import dropped_class_tokens, masked_class_tokens, random_key_masks
 from fastwsss.models import (
     ProjectionHead,
     WSSSNet,
     create_vit,
-    dropped_class_tokens,
     ema_update,
     forward_features,
-    masked_class_tokens,
 )
 from fastwsss.pseudo import affinity_label, multiscale_cams, refine_seg_label, roi_map, scale_box
 
@@ -147,9 +146,9 @@ def test_seg_loss_finite_on_all_background_batch():
 
 def test_term_weights_follow_the_schedule(tiny_config):
     cfg = tiny_config("train.method=mcc")
-    assert term_weights(cfg, 0) == {"aff": 0.2, "con": 0.5, "seg": 0.0, "reg": 0.0}
-    assert term_weights(cfg, 2000)["seg"] == 0.0 and term_weights(cfg, 2001) == {"aff": 0.2, "con": 0.5,
-                                                                                   "seg": 0.1, "reg": 0.05}
+    weights = build_method(cfg).weights
+    assert weights(0) == {"aff": 0.2, "con": 0.5, "seg": 0.0, "reg": 0.0}
+    assert weights(2000)["seg"] == 0.0 and weights(2001) == {"aff": 0.2, "con": 0.5, "seg": 0.1, "reg": 0.05}
 
 
 def test_roi_map_thresholds():

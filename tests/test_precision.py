@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastwsss.data.transforms import random_key_masks
-from fastwsss.inference.predict import model_from_config as build_model
-from fastwsss.methods import mcc_local_views, toco_local_views
+from fastwsss.methods import MCC, ToCo, build_method
+from fastwsss.methods.mcc import random_key_masks
+from fastwsss.methods.toco import ToCoTargets
 from fastwsss.models import network
-from fastwsss.pseudo import affinity_label, cam_to_label, multiscale_cams, refine_seg_label, roi_map
+from fastwsss.pseudo import affinity_label, cam_to_label, multiscale_cams, roi_map
 
 
 def bf16_features(autocast_dtype: torch.dtype):
@@ -28,19 +28,18 @@ def bf16_features(autocast_dtype: torch.dtype):
 
 
 def label_pipeline(model, batch, cfg) -> dict[str, torch.Tensor]:
-    """What one training step derives from the CAMs, as the step computes it (compute_losses)."""
+    """What one training step derives from the CAMs, as the step computes it (the methods' targets and views)."""
     x, cls_label, img_box = batch["img"], batch["cls_label"], batch["img_box"]
     c = cfg.cam
     out = model(x)
     cams, cams_aux = multiscale_cams(model, x, tuple(c.scales), outputs=out)
-    _, toco_flags = toco_local_views(model, batch, cams, cams_aux, 0, cfg)
-    _, mcc_flags = mcc_local_views(model, batch, cams, cams_aux, 0, cfg)
+    targets = ToCoTargets(cams=cams, cams_aux=cams_aux)
+    _, toco_flags = ToCo(cfg).local_views(model, batch, targets, 0)
+    _, mcc_flags = MCC(cfg).local_views(model, batch, targets, 0)
     return {
         "cams": cams, "cams_aux": cams_aux,
         "cam_label": cam_to_label(cams, cls_label, bkg_thresh=c.bkg_thresh),
-        "seg_label": refine_seg_label(cams, cls_label, x, img_box, high_thresh=c.high_thresh,
-                                      low_thresh=c.low_thresh, par_dilations=tuple(c.par_dilations),
-                                      par_num_iter=c.par_num_iter),
+        "seg_label": build_method(cfg).pseudo_labeller()(cams, cls_label, x, img_box),
         "aff_label": affinity_label(cams_aux, cls_label, img_box, out.feat.shape[-2:], high_thresh=c.high_thresh,
                                     low_thresh=c.low_thresh),
         "roi": roi_map(cams_aux, cls_label, c.low_thresh, c.high_thresh),
@@ -50,10 +49,10 @@ def label_pipeline(model, batch, cfg) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("feature_dtype", [torch.bfloat16, torch.float32], ids=["bf16-features", "fp32-features"])
 def test_label_pipeline_is_fp32_under_autocast(tiny_config, monkeypatch, feature_dtype):
-    cfg = tiny_config("contrast.toco_crop_size=8", "contrast.num_local=3", "cam.high_thresh=0.55",
+    cfg = tiny_config("toco.crop_size=8", "contrast.num_local=3", "cam.high_thresh=0.55",
                       "cam.low_thresh=0.3", "cam.bkg_thresh=0.45", "contrast.neg_thresh=0.9", "cam.par_dilations=[1,2]", "cam.par_num_iter=3")
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.num_classes).train()
+    model = build_method(cfg).build_model().train()
     monkeypatch.setattr(network, "forward_features", bf16_features(feature_dtype))
     g = torch.Generator().manual_seed(1)
     B, S = 3, cfg.data.crop_size

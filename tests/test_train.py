@@ -9,6 +9,7 @@ import torch
 from fastwsss.checkpoint import load_checkpoint
 from fastwsss.data import EvalDataset, open_splits
 from fastwsss.inference import evaluate_model, load_model
+from fastwsss.methods import build_method
 from fastwsss.train import main
 from fastwsss.training import train
 
@@ -18,9 +19,8 @@ def assert_reported_mious_are_the_checkpoints(run, result: dict, modes: tuple[st
     model, cfg, _ = load_model(run)
     c = cfg.cam
     scores = evaluate_model(model, EvalDataset(open_splits(cfg.data)[1]), scales=tuple(c.scales),
-                            bkg_thresh=c.bkg_thresh, modes=modes, high_thresh=c.high_thresh, low_thresh=c.low_thresh,
-                            device=torch.device("cpu"), par_dilations=tuple(c.par_dilations),
-                            par_num_iter=c.par_num_iter, par_backend=cfg.kernels.backend)
+                            bkg_thresh=c.bkg_thresh, modes=modes, labeller=build_method(cfg).pseudo_labeller(),
+                            device=torch.device("cpu"))
     for mode in modes:
         assert result[f"{mode}_miou"] == scores[mode].miou(), mode
         assert np.allclose(list(result["per_class"][mode].values()), np.nan_to_num(scores[mode].iou(), nan=-1),
@@ -63,7 +63,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
-METHOD_OVERRIDES = ["loss.seg_start=0", "loss.reg_start=0", "contrast.toco_crop_size=16", "contrast.proj_hidden=64",
+METHOD_OVERRIDES = ["loss.seg_start=0", "loss.reg_start=0", "toco.crop_size=16", "contrast.proj_hidden=64",
                     "contrast.proj_bottleneck=16", "contrast.proj_dim=32", "contrast.num_local=3"]
 
 

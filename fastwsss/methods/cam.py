@@ -4,6 +4,8 @@ from, and the number its segmentation is compared with."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from ..models import Outputs, WSSSNet
 from .base import Iteration, Method, Term
 from .common import classification_terms
@@ -11,7 +13,7 @@ from .common import classification_terms
 
 class CAM(Method):
     name = "cam"
-    log_names = {"cls": "cls_loss", "cls_aux": "cls_loss_aux"}
+    log_names: ClassVar[dict[str, str]] = {"cls": "cls_loss", "cls_aux": "cls_loss_aux"}
     eval_modes = ("cam", "aux-cam")
     trains_segmentation = False
 

@@ -69,6 +69,6 @@ def sample_generator(cfg: Config, position: int, device: torch.device) -> torch.
 def contrast_errors(cfg: Config) -> list[str]:
     """What a method with the contrast term needs of the shared ``contrast:`` section."""
     if cfg.contrast.num_local < 1:
-        return [f"contrast.num_local={cfg.contrast.num_local} must be >= 1 with train.method={cfg.train.method} "
-                "(its contrast term needs local views)"]
+        return [(f"contrast.num_local={cfg.contrast.num_local} must be >= 1 with train.method={cfg.train.method} "
+                 "(its contrast term needs local views)")]
     return []

@@ -11,6 +11,7 @@ every layer, everything else is per token), so the default forward drops the hid
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ class MCCViews(ToCoViews):
 class MCC(ToCo):
     name = "mcc"
     config = MCCConfig
-    log_names = {"cls": "cls_loss", "cls_aux": "cls_loss_aux", "aff": "aff_loss", "con": "con_loss",
+    log_names: ClassVar[dict[str, str]] = {"cls": "cls_loss", "cls_aux": "cls_loss_aux", "aff": "aff_loss", "con": "con_loss",
                  "seg": "seg_loss", "reg": "reg_loss"}
 
     def sample_views(self, model: WSSSNet) -> MCCViews:

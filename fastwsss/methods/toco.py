@@ -6,6 +6,7 @@ global views and local crops, and the PAR-refined segmentation and regularisatio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class ToCoTargets:
 class ToCo(Method):
     name = "toco"
     config = ToCoConfig
-    log_names = {"cls": "cls_loss", "cls_aux": "cls_loss_aux", "aff": "ptc_loss", "con": "ctc_loss",
+    log_names: ClassVar[dict[str, str]] = {"cls": "cls_loss", "cls_aux": "cls_loss_aux", "aff": "ptc_loss", "con": "ctc_loss",
                  "seg": "seg_loss", "reg": "reg_loss"}
 
     def sample_views(self, model: WSSSNet) -> ToCoViews:

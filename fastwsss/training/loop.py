@@ -27,7 +27,6 @@ from ..inference import class_pixel_prior
 from ..kernels import backends_used
 from ..methods import build_method
 from ..runtime import (
-    ONE_PROCESS,
     Dist,
     all_gather_objects,
     all_reduce_sum,

@@ -42,10 +42,11 @@ class StepModule(nn.Module):
 
     def forward(self, batch: dict, it: Iteration, targets: Any = None, norm: dict[str, torch.Tensor] | None = None
                 ) -> dict[str, Term]:
-        """Without ``targets`` (one part per process and step) they are made from this forward's outputs and the
-        denominators summed over the processes here; with them, ``norm`` is the whole step's denominators."""
+        """Without ``norm`` (one part per process and step) the targets are made from this forward's outputs and the
+        denominators summed over the processes here; with it, ``targets`` were made beforehand and ``norm`` is the
+        whole step's denominators."""
         out = self.method.forward(self.model, batch, it)
-        if targets is None:
+        if norm is None:
             targets, counts = self.targets(batch, it, out)
             norm = reduce_counts(counts, self.dist)
         return self.method.terms(self.model, batch, it, targets, norm, self.parts, out)
