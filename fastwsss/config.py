@@ -93,19 +93,24 @@ class CamConfig:
 
 @dataclass
 class LossConfig:
-    """Weights and first iteration of each term (SPEC §7.1). A term is computed only while it is weighted."""
+    """Weights and schedule of the loss terms (SPEC §7.1). A term is computed only while it is weighted.
+
+    Iterations count from 0 (the first optimizer step is iteration 0), as the authors' ``for n_iter in
+    range(max_iters)`` does. ``<term>_start`` is the first iteration at which the term is on: an authors' script that
+    keeps a weight at 0 ``if n_iter <= K`` has ``<term>_start = K + 1``. An ``*_until`` setting is the last
+    iteration of its phase, boundary included: ``if n_iter <= K: use the aux CAM`` is ``*_until = K``."""
 
     w_cls_aux: float = 1.0
     w_aff: float = 0.2
     w_con: float = 0.5
     w_seg: float = 0.1
     w_reg: float = 0.05
-    aff_start: int = 0  # first (0-based) iteration at which the term is on; "after step 2000" is 2001
+    aff_start: int = 0  # first iteration at which the term is on; the authors' "weight 0 if n_iter <= 2000" is 2001
     con_start: int = 0
     seg_start: int = 2001
     reg_start: int = 2001
     temperature: float = 0.5
-    seg_label_aux_until: int = 0  # seg labels come from the aux CAM before this iteration (COCO: 12000)
+    seg_label_aux_until: int | None = None  # seg labels from the aux CAM while step <= this (COCO: 12000); null: never
     reg_sigma_rgb: float = 15.0
     reg_sigma_xy: float = 100.0
     reg_scale: float = 0.5

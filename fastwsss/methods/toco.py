@@ -88,9 +88,15 @@ class ToCo(Method):
                 for name in ("aff", "con", "seg", "reg")}
 
     def before_step(self, model: WSSSNet, step: int) -> None:
-        """The projector's EMA teacher, once per step before its forward (SPEC §2), while the contrast term is on."""
-        if self.weights(step)["con"]:
-            ema_update(model.proj_head_t, model.proj_head, self.cfg.contrast.ema_momentum)
+        """The projector's EMA teacher, once per step before its forward (SPEC §2); every step, also while the
+        contrast term is off, as the authors' ``forward_proj`` (ToCo's and MCC's) runs it on every iteration."""
+        ema_update(model.proj_head_t, model.proj_head, self.cfg.contrast.ema_momentum)
+
+    def seg_label_source(self, step: int) -> str:
+        """Which CAM the segmentation labels come from at ``step``: "aux" while ``step <= loss.seg_label_aux_until``
+        (the authors' COCO scripts: ``n_iter <= 12000``), then "cam"."""
+        until = self.cfg.loss.seg_label_aux_until
+        return "aux" if until is not None and step <= until else "cam"
 
     def forward(self, model: WSSSNet, batch: dict, it: Iteration) -> Outputs:
         return model(batch["img"], with_seg=bool(it.weights["seg"] or it.weights["reg"]))
@@ -107,7 +113,7 @@ class ToCo(Method):
             out = model(x, with_seg=False)
         t.cams, t.cams_aux = multiscale_cams(model, x, tuple(cfg.cam.scales), outputs=out)
         if w["seg"] or w["reg"]:
-            source = t.cams_aux if it.step < cfg.loss.seg_label_aux_until else t.cams
+            source = t.cams_aux if self.seg_label_source(it.step) == "aux" else t.cams
             t.seg_label = self.pseudo_labeller()(source, cls_label, x, img_box)
         if w["aff"]:
             t.aff_label = affinity_label(t.cams_aux, cls_label, img_box, out.feat.shape[-2:],
