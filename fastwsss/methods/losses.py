@@ -44,21 +44,25 @@ def seg_label_counts(label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> t
     return torch.stack([((label > 0) & (label != ignore_index)).sum(), (label == 0).sum()]).double()
 
 
-def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-             counts: torch.Tensor | None = None) -> torch.Tensor:
-    """0.5 * (CE over foreground pixels + CE over background pixels), SPEC §7.5: each half's summed CE over its
-    pixel count (``counts`` [fg, bg], default this batch's: ``seg_label_counts``). An empty half contributes
-    nothing (the reference gives NaN there and poisons the step)."""
+def seg_loss_halves(logits: torch.Tensor, label: torch.Tensor, counts: torch.Tensor | None = None, eps: float = 0.0,
+                    ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """(foreground, background) halves of the segmentation loss: each half's summed CE over its pixel count + eps
+    (``counts`` [fg, bg], default this batch's: ``seg_label_counts``). An empty half is 0 (no host sync)."""
     counts = seg_label_counts(label, ignore_index) if counts is None else counts
     halves = []
-    for keep, count in zip((label > 0, label == 0), counts.tolist()):
+    for keep, count in zip((label > 0, label == 0), counts.unbind()):
         target = torch.where(keep & (label != ignore_index), label, ignore_index)
-        if count > 0:
-            ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
-            halves.append(ce / count)
-        else:
-            halves.append(logits.sum() * 0.0)  # keeps the graph, contributes nothing
-    return 0.5 * (halves[0] + halves[1])
+        ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+        halves.append(ce / torch.where(count > 0, count + eps, 1.0).to(ce.dtype))  # an empty half's ce is 0
+    return halves[0], halves[1]
+
+
+def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+             counts: torch.Tensor | None = None) -> torch.Tensor:
+    """0.5 * (CE over foreground pixels + CE over background pixels), SPEC §7.5 (:func:`seg_loss_halves`). An empty
+    half contributes nothing (the reference gives NaN there and poisons the step)."""
+    fg, bg = seg_loss_halves(logits, label, counts, ignore_index=ignore_index)
+    return 0.5 * (fg + bg)
 
 
 class _GatedCRFLoss(torch.autograd.Function):

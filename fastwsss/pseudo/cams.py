@@ -13,33 +13,41 @@ from ..runtime import fp32_arithmetic
 
 @torch.no_grad()
 def multiscale_cams(model, x: torch.Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5), *,
-                    outputs=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [B, 3, H, W] -> (cams, cams_aux) [B, C-1, H, W] in [0, 1].
+                    outputs=None, with_seg: bool = False, aux_last_scale: bool = False) -> tuple[torch.Tensor, ...]:
+    """Images [B, 3, H, W] -> (cams, cams_aux) [B, C-1, H, W] in [0, 1], and with ``with_seg`` also the
+    segmentation logits [B, C, H, W] (fp32; upsampled, flip pair summed, summed over scales).
 
     Per scale: resize to int(s*H) x int(s*W), batch with the horizontal flip, CAMs upsampled to (H, W),
     flip pair fused by element-wise max, ReLU; summed over scales; per-channel min-max normalised. The model runs
     under the caller's autocast; the CAMs are fp32 from its (possibly bf16) features on (``WSSSNet.cams_from``).
+    ``aux_last_scale``: the aux CAM is the last scale's alone (CoSA's quirk), not the sum.
 
     ``outputs``: the model's own forward of ``x`` (training step), reused as the unflipped scale-1 pass. Exact:
     the network has no dropout or drop-path, so a second forward of the same images gives the same CAMs (the
     reference runs it again); only the flipped images are run at scale 1.
     """
     B, _, H, W = x.shape
-    total = total_aux = 0
+    total = total_aux = total_seg = 0
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x, size=(int(s * H), int(s * W)), mode="bilinear", align_corners=False)
-        if s == 1.0 and outputs is not None:
+        if s == 1.0 and outputs is not None and not with_seg:
             pairs = zip(model.cams_from(outputs), model.cams(xs.flip(-1)))
         else:
-            pairs = (c.split(B) for c in model.cams(torch.cat([xs, xs.flip(-1)])))
+            out = model(torch.cat([xs, xs.flip(-1)]), with_seg=with_seg)
+            pairs = (c.split(B) for c in model.cams_from(out))
         fused = []
-        for c, c_flip in pairs:
-            with fp32_arithmetic():
+        with fp32_arithmetic():
+            for c, c_flip in pairs:
                 c, c_flip = (F.interpolate(v.float(), size=(H, W), mode="bilinear", align_corners=False)
                              for v in (c, c_flip))
                 fused.append(torch.maximum(c, c_flip.flip(-1)).relu())
-        total, total_aux = total + fused[0], total_aux + fused[1]
-    return minmax_normalize(total), minmax_normalize(total_aux)
+            if with_seg:
+                seg = F.interpolate(out.seg_logits.float(), size=(H, W), mode="bilinear", align_corners=False)
+                total_seg = total_seg + seg[:B] + seg[B:].flip(-1)
+        total = total + fused[0]
+        total_aux = fused[1] if aux_last_scale else total_aux + fused[1]
+    cams = (minmax_normalize(total), minmax_normalize(total_aux))
+    return (*cams, total_seg) if with_seg else cams
 
 
 @fp32_arithmetic()
@@ -82,11 +90,12 @@ def cam_to_label(
 
 
 def box_mask(img_box: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Boxes [B, 4] = (h0, h1, w0, w1) -> bool [B, H, W], True inside."""
-    inside = torch.zeros(len(img_box), *size, dtype=torch.bool, device=img_box.device)
-    for i, (h0, h1, w0, w1) in enumerate(img_box.tolist()):
-        inside[i, h0:h1, w0:w1] = True
-    return inside
+    """Boxes [B, 4] = (h0, h1, w0, w1), non-negative -> bool [B, H, W], True inside (rows h0..h1-1, columns
+    w0..w1-1, as slicing would give); no host sync."""
+    h0, h1, w0, w1 = img_box[:, :, None, None].unbind(1)  # [B, 1, 1] each
+    rows = torch.arange(size[0], device=img_box.device)[:, None]
+    cols = torch.arange(size[1], device=img_box.device)[None, :]
+    return (rows >= h0) & (rows < h1) & (cols >= w0) & (cols < w1)
 
 
 def ignore_outside_box(label: torch.Tensor, img_box: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

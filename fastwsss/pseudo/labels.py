@@ -44,12 +44,11 @@ def refine_seg_label(
     outside img_box ignore.
 
     PAR sees the reference's uint8 image (``denormalize_uint8``: truncated levels; ``round_denorm`` rounds them).
+    ``par_num_iter`` = 0 leaves the probabilities unrefined (``images`` is then not read).
     """
     B, _, H, W = cams.shape
     cams = cams.float()
     size = (H // down_scale, W // down_scale)
-    img = denormalize_uint8(images, round_levels=round_denorm).float() / 255.0
-    img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
     present = torch.cat([cls_label.new_ones(B, 1), cls_label], dim=1).bool()  # [B, C]
     K = int(present.sum(1).max())
     slots = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices[:, :K]  # present channels first
@@ -61,7 +60,11 @@ def refine_seg_label(
         chans = F.interpolate(chans, size=size, mode="bilinear", align_corners=False)
         chans = chans.masked_fill(~present[:, :, None, None], -math.inf).softmax(dim=1)
         probs.append(chans.gather(1, slots[:, :, None, None].expand(B, K, *size)))
-    refined = par(img, torch.cat(probs, dim=1), dilations=par_dilations, num_iter=par_num_iter, backend=par_backend)
+    refined = torch.cat(probs, dim=1)
+    if par_num_iter:  # 0: no refinement (CoSA labels the resampled probabilities as they are)
+        img = denormalize_uint8(images, round_levels=round_denorm).float() / 255.0
+        img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
+        refined = par(img, refined, dilations=par_dilations, num_iter=par_num_iter, backend=par_backend)
     refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
     # max().indices, not argmax(): same first-maximum index, but torch's CPU argmax over dim 1 is ~10x slower
     label_high, label_low = (slots.gather(1, r.masked_fill(~used, -math.inf).max(dim=1).indices.flatten(1)).view(B, H, W)
