@@ -175,8 +175,11 @@ class InferConfig:
     """Inference and whole-split evaluation from a checkpoint (SPEC §10): multi-scale + flip, dense CRF."""
 
     fusion: str = "voc"  # voc: native size, flip pair by sum, scales by max | coco: resize first, flip max, scales sum
+    #   | cosa: resize first, flip pair by sum, scales by sum
     scales: tuple[float, ...] = (1.0, 1.5, 1.25)  # the reference's VOC scales; COCO's are (1.0, 1.25, 1.5)
     coco_size: int = 448  # fusion=coco: images are resized to coco_size x coco_size first
+    mask_absent_classes: bool = False  # evaluation only: logits of classes absent from the image's (ground-truth)
+    #   labels set to -1e5 before the argmax and the CRF, as CoSA's published protocol ("Seg_vd") does
     crf_impl: str = "pydensecrf"  # pydensecrf (C++ reference, process pool) | lattice (ours: CPU or CUDA, batched)
     crf_workers: int = 0  # pydensecrf worker processes; 0 = one per CPU core
     crf_batch_size: int = 1  # lattice: images of one size filtered together
@@ -269,7 +272,7 @@ def validate(cfg: Config) -> Config:
                ["no method is registered: import fastwsss.methods before loading a config"])
     errors += _choice("train.precision", cfg.train.precision, PRECISIONS)
     errors += _choice("kernels.backend", cfg.kernels.backend, ("auto", "torch", "triton"))
-    errors += _choice("infer.fusion", cfg.infer.fusion, ("voc", "coco"))
+    errors += _choice("infer.fusion", cfg.infer.fusion, ("voc", "coco", "cosa"))
     errors += _choice("infer.crf_impl", cfg.infer.crf_impl, ("pydensecrf", "lattice"))
     for key in ("infer.scales", "cam.scales"):
         section, name = key.split(".")

@@ -94,12 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
             results = evaluate_model(
                 model, dataset, scales=tuple(c.scales), bkg_thresh=c.bkg_thresh, modes=modes,
                 labeller=build_method(cfg).pseudo_labeller(), device=device, autocast=autocast,
-                num_vis=args.num_vis if args.vis else 0, vis_path=args.vis, num_workers=i.num_workers, seg_fn=seg_fn, crf=crf, save_dir=args.save_predictions,
+                num_vis=args.num_vis if args.vis else 0, vis_path=args.vis, num_workers=i.num_workers, seg_fn=seg_fn,
+                mask_absent_classes=i.mask_absent_classes, crf=crf, save_dir=args.save_predictions,
                 progress=True, dist=dist)
         finally:
             if crf is not None:
                 crf.close()
         info.update(num_images=len(dataset), fusion=i.fusion, scales=list(i.scales),
+                    mask_absent_classes=i.mask_absent_classes,
                     crf_impl=i.crf_impl if args.crf else None)
     info["seconds"] = round(time.time() - t0, 1)
     out = results_json(results, names, **info)

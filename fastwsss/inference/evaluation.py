@@ -41,6 +41,7 @@ def evaluate_model(
     num_workers: int = 0,
     batch_size: int = 1,
     seg_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mask_absent_classes: bool = False,
     crf: CRFRunner | None = None,
     save_dir: str | Path | None = None,
     progress: bool = False,
@@ -51,6 +52,8 @@ def evaluate_model(
     - ``cam`` / ``aux-cam``: multi-scale CAM -> label with the ground-truth image labels and the background threshold;
     - ``seg``: the decoder's prediction at the image size: ``seg_fn(x)`` -> logits [B, C, H, W] when given (e.g. the
       multi-scale + flip fusion of ``fastwsss.inference.predict``), else the single-scale logits upsampled;
+    - with ``mask_absent_classes`` the logits of classes absent from the image's ground-truth labels are set to -1e5
+      first (CoSA's published protocol, which reads the labels);
     - ``seg-crf``: the same logits -> softmax -> dense CRF through ``crf`` (its worker pool runs while the model
       goes on; at most a few images are in flight);
     - ``pseudo``: the training label ``labeller`` makes from the multi-scale CAM (the method's, e.g. PAR-refined,
@@ -104,6 +107,9 @@ def evaluate_model(
                 labels[key] = cam_to_label(c.float(), cls_label, bkg_thresh=bkg_thresh).cpu()
         if want_seg:
             seg = F.interpolate(seg.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            if mask_absent_classes:
+                present = torch.cat([cls_label.new_ones(len(x), 1), cls_label], dim=1).bool()[:, :, None, None]
+                seg = seg.masked_fill(~present, -1e5)
             labels["seg"] = seg.argmax(1).cpu()
         if "pseudo" in modes:
             pseudo = labeller(cams.float(), cls_label, x)

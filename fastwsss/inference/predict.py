@@ -1,5 +1,6 @@
-"""From a checkpoint to predictions: the model of a checkpoint with its own config, multi-scale + flip segmentation logits with the VOC and COCO fusion rules (SPEC §10), and the dense-CRF
-runner configured by ``infer.*``. Used by training (the model), ``fastwsss.infer`` and ``fastwsss.evaluate``."""
+"""From a checkpoint to predictions: the network of a checkpoint (its method's predictor) with its own config,
+multi-scale + flip segmentation logits with the VOC, COCO and CoSA fusion rules (SPEC §10), and the dense-CRF runner
+configured by ``infer.*``. Used by ``fastwsss.infer`` and ``fastwsss.evaluate``."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class FusionRule(NamedTuple):
 FUSION_RULES = {
     "voc": FusionRule(resize_first=False, flip="sum", scales="max"),
     "coco": FusionRule(resize_first=True, flip="max", scales="sum"),
+    "cosa": FusionRule(resize_first=True, flip="sum", scales="sum"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The methods: one file each (``cam.py``, ``toco.py``, ``mcc.py``) on one protocol (``base.Method``), the pieces
+"""The methods: one file each (``cam.py``, ``toco.py``, ``mcc.py``, ``cosa.py``) on one protocol (``base.Method``), the pieces
 they share (``common.py``, ``losses.py``), and the registry that ``train.method`` names an entry of.
 
 A new method is a new file with a ``Method`` subclass, registered with :func:`register` (README "Adding a method").
@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..config import Config, register_method
 from .base import Iteration, Method, Term, idle_anchor
 from .cam import CAM
+from .cosa import CoSA
 from .mcc import MCC
 from .toco import ToCo
 
@@ -30,7 +31,7 @@ def build_method(cfg: Config) -> Method:
     return METHODS[cfg.train.method](cfg)
 
 
-for _method in (CAM, ToCo, MCC):
+for _method in (CAM, ToCo, MCC, CoSA):
     register(_method)
 
-__all__ = ["CAM", "MCC", "METHODS", "Iteration", "Method", "Term", "ToCo", "build_method", "idle_anchor", "register"]
+__all__ = ["CAM", "MCC", "CoSA", "METHODS", "Iteration", "Method", "Term", "ToCo", "build_method", "idle_anchor", "register"]

@@ -40,12 +40,18 @@ def seg_reg_terms(out: Outputs, batch: dict, seg_label: torch.Tensor, weights: d
     if weights["seg"]:
         terms["seg"] = Term(seg_loss(seg, seg_label, counts=torch.stack([norm["fg"], norm["bg"]])), weights["seg"])
     if weights["reg"]:
-        loss = cfg.loss
-        terms["reg"] = Term(reg_loss(
-            seg, denormalize(x.float()), batch["img_box"], seg_label, sigma_rgb=loss.reg_sigma_rgb,
-            sigma_xy=loss.reg_sigma_xy, scale=loss.reg_scale, exact_grad=cfg.quirks.exact_reg_grad,
-            backend=cfg.kernels.backend, num_images=float(norm["images"])), weights["reg"])
+        terms["reg"] = reg_term(seg, x, batch["img_box"], seg_label, weights["reg"], norm, cfg)
     return terms
+
+
+def reg_term(seg: torch.Tensor, images: torch.Tensor, img_box: torch.Tensor, seg_label: torch.Tensor, weight: float,
+             norm: dict[str, torch.Tensor], cfg: Config) -> Term:
+    """The gated dense-CRF regularisation (SPEC §7.6) of the upsampled logits ``seg`` [b, C, H, W] on the
+    normalised ``images``, ``loss.reg_*`` settings, over the step's images."""
+    loss = cfg.loss
+    return Term(reg_loss(seg, denormalize(images.float()), img_box, seg_label, sigma_rgb=loss.reg_sigma_rgb,
+                         sigma_xy=loss.reg_sigma_xy, scale=loss.reg_scale, exact_grad=cfg.quirks.exact_reg_grad,
+                         backend=cfg.kernels.backend, num_images=float(norm["images"])), weight)
 
 
 def affinity_term(feat: torch.Tensor, aff_label: torch.Tensor, norm: dict[str, torch.Tensor], parts: int,
