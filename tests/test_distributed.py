@@ -42,6 +42,7 @@ METHOD_OVERRIDES = {
              "contrast.proj_bottleneck=16", "contrast.proj_dim=32", "contrast.num_local=3"],
 }
 METHOD_OVERRIDES["mcc"] = METHOD_OVERRIDES["toco"]
+METHOD_OVERRIDES["cosa"] = ["loss.seg_start=0", "loss.reg_start=0", "cosa.cam_start=0"]
 COMMON = ["train.eval_interval=100", "train.ckpt_interval=100", "train.log_interval=1", "kernels.backend=torch", "model.pretrained=none"]
 
 
@@ -136,6 +137,15 @@ def test_mcc_two_processes(config_file, tmp_path):
     torchrun("fastwsss.train", "--config", str(config), f"run.dir={tmp_path / 'two'}")
     assert_same_training(tmp_path / "one", tmp_path / "two")
     assert_grad_accum_trains_like_one_batch(config, tmp_path)
+
+
+def test_cosa_two_processes(config_file, tmp_path):
+    """CoSA: 2 processes x 2 images == 1 process x 4, the whole-network teacher included."""
+    config = config_file("cosa", "train.max_iters=2")
+    run_here(config, tmp_path / "one")
+    torchrun("fastwsss.train", "--config", str(config), f"run.dir={tmp_path / 'two'}")
+    assert any(k.startswith("teacher.") for k in load_checkpoint(tmp_path / "two")["model"])
+    assert_same_training(tmp_path / "one", tmp_path / "two")
 
 
 def test_killed_worker_resumes_under_max_restarts(config_file, tmp_path):

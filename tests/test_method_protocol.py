@@ -102,7 +102,7 @@ def test_a_method_registered_from_outside_trains_checkpoints_and_predicts(camseg
 
 
 def test_an_unregistered_method_or_section_is_a_config_error(tiny_config):
-    with pytest.raises(ConfigError, match="train.method='camseg' is not one of cam, toco, mcc"):
+    with pytest.raises(ConfigError, match="train.method=.camseg. is not one of cam, toco, mcc, cosa"):
         tiny_config("train.method=camseg")
     with pytest.raises(ConfigError, match="camseg"):
         tiny_config("camseg.w_seg=0.2")

@@ -34,4 +34,4 @@ def build_method(cfg: Config) -> Method:
 for _method in (CAM, ToCo, MCC, CoSA):
     register(_method)
 
-__all__ = ["CAM", "MCC", "CoSA", "METHODS", "Iteration", "Method", "Term", "ToCo", "build_method", "idle_anchor", "register"]
+__all__ = ["CAM", "MCC", "METHODS", "CoSA", "Iteration", "Method", "Term", "ToCo", "build_method", "idle_anchor", "register"]
