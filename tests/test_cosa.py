@@ -72,7 +72,7 @@ def test_weak_and_strong_views_share_the_crop(synthetic_root):
 
 
 def test_teacher_pass_equals_the_official_multi_scale(setup):
-    cfg, method, model, batch = setup
+    _, _, model, batch = setup
     with torch.no_grad():
         got = multiscale_cams(model.teacher, batch["weak"], (1.0, 0.5, 1.5), with_seg=True, aux_last_scale=True)
         want = official.teacher_camseg(model.teacher, batch["weak"], (1.0, 0.5, 1.5))
