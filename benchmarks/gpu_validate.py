@@ -9,7 +9,9 @@ Stages, each with its share of the budget (a stage that runs out is stopped and 
 2. ``tests``      the whole test suite with real Triton, GPU-marked tests included (pytest-xdist when installed);
 3. ``benchmarks`` ``pytest benchmarks/ --benchmark-only`` at the production shapes (correctness checked first);
 4. ``training``   one full-size training run per (method, path): ``benchmarks/train_speed.py`` for voc_mcc and
-   voc_toco, the fp32 reference path and the bf16 fast path (steady it/s, peak memory).
+   voc_toco, the fp32 reference path and the bf16 fast path (steady it/s, peak memory), voc_cosa's fast path; and
+   ``benchmarks/method_step.py`` per method with an official-step reading (CoSA): one iteration of fastwsss's
+   step against the plain official step, as a ratio.
 
 Writes ``validate.json`` (device, versions, commit, each stage's status, time and summary, the training table),
 ``selfcheck.json``, ``benchmarks.json`` and one ``<stage>.log`` per stage into DIR, at most 8 files (what the
@@ -34,7 +36,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TRAINING = [("voc_mcc", "reference"), ("voc_mcc", "fast"), ("voc_toco", "reference"), ("voc_toco", "fast")]
+TRAINING = [("voc_mcc", "reference"), ("voc_mcc", "fast"), ("voc_toco", "reference"), ("voc_toco", "fast"),
+            ("voc_cosa", "fast")]
+METHOD_STEPS = ["cosa"]  # benchmarks/method_step.py --method <name>
 SHARES = {"selfcheck": 0.10, "tests": 0.35, "benchmarks": 0.22, "training": 0.33}  # of the budget
 
 
@@ -127,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                             "-p", "no:cacheprovider", "-k", "triton"]],
             "training": [[py, REPO / "benchmarks" / "train_speed.py", "--config", c, "--path", p, "--tiny", "--iters",
                           "2", "--data", scratch / "data", "--json", scratch / f"train_{c}_{p}.json"]
-                         for c, p in TRAINING[:2]],
+                         for c, p in TRAINING[:2]]
+                        + [[py, REPO / "benchmarks" / "method_step.py", "--method", m, "--size", "tiny", "--iters", "1",
+                            "--json", scratch / f"step_{m}.json"] for m in METHOD_STEPS],
         }
     else:
         stages = {
@@ -137,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             "benchmarks": [[py, "-m", "pytest", REPO / "benchmarks", "--benchmark-only", "-q", "-p",
                             "no:cacheprovider", "--benchmark-json", args.out / "benchmarks.json"]],
             "training": [[py, REPO / "benchmarks" / "train_speed.py", "--config", c, "--path", p, "--iters", "12",
-                          "--data", scratch / "data", "--json", scratch / f"train_{c}_{p}.json"] for c, p in TRAINING],
+                          "--data", scratch / "data", "--json", scratch / f"train_{c}_{p}.json"] for c, p in TRAINING]
+                        + [[py, REPO / "benchmarks" / "method_step.py", "--method", m, "--iters", "5", "--json",
+                            scratch / f"step_{m}.json"] for m in METHOD_STEPS],
         }
     report = {"commit": _commit(args.commit), "dry_run": args.dry_run, "budget_s": args.budget,
-              "versions": _versions(), "stages": [], "training": []}
+              "versions": _versions(), "stages": [], "training": [], "method_steps": []}
     out_json = args.out / "validate.json"
     for name, commands in stages.items():
         log = args.out / f"{name}.log"
@@ -149,10 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("tests", "benchmarks"):
             result["summary"] = _pytest_summary(log)
         if name == "training":
-            for c, p in TRAINING[:len(commands)]:
+            runs = len(commands) - len(METHOD_STEPS)
+            for c, p in TRAINING[:runs]:
                 f = scratch / f"train_{c}_{p}.json"
                 report["training"].append(json.loads(f.read_text()) if f.exists() else {"config": c, "path": p,
                                                                                        "status": "no result"})
+            for m in METHOD_STEPS:
+                f = scratch / f"step_{m}.json"
+                report["method_steps"].append(json.loads(f.read_text()) if f.exists() else {"method": m,
+                                                                                          "status": "no result"})
         report["stages"].append(result)
         print(f"[gpu_validate] {name}: {result['status']} in {result['seconds']} s {result.get('summary', '')}",
               flush=True)
@@ -161,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         if "it_per_s" in t:
             print(f"[gpu_validate] {t['config']:9s} {t['path']:9s} {t['it_per_s']:.2f} it/s, peak "
                   f"{t['peak_mem_gib']} GiB ({t['precision']}, backend {t['kernels_backend']})")
+    for s in report["method_steps"]:
+        if "speedup" in s:
+            print(f"[gpu_validate] {s['method']} step: fastwsss {s['fast_s_per_iter']} s, official "
+                  f"{s['official_s_per_iter']} s per iteration: x{s['speedup']}")
     return 0 if all(s["status"] == "ok" for s in report["stages"]) else 1
 
 

@@ -1,6 +1,6 @@
 """A plain reading of CoSA's official training step (docs/methods/cosa.md §3), written the straightforward way:
-per-image and per-class Python loops with host-side decisions (``.item()``, ``.tolist()``), fp32, one piece after
-the other as the official ``main.py`` calls them. It is the oracle of ``tests/test_cosa.py`` and the baseline that
+the per-image label loop with host-side decisions (``.item()``, ``.tolist()``) and the per-parameter EMA loop of the
+official code, fp32, one piece after the other as the official ``main.py`` calls them. It is the oracle of ``tests/test_cosa.py`` and the baseline that
 ``benchmarks/method_step.py`` times fastwsss's step against; it reuses nothing of ``fastwsss.methods.cosa``.
 
 The network pieces are fastwsss's ``WSSSNet`` (the same ViT, heads and decoder as the official ``VITNetwork``);
@@ -36,12 +36,8 @@ def teacher_camseg(teacher, weak: torch.Tensor, scales) -> tuple[torch.Tensor, t
         seg_list.append(up[2][:B] + up[2][B:].flip(-1))
 
     def normalise(cam):
-        out = torch.zeros_like(cam)
-        for i in range(cam.shape[0]):
-            for c in range(cam.shape[1]):
-                v = cam[i, c] - cam[i, c].min()
-                out[i, c] = v / (v.max() + 1e-5)
-        return out
+        cam = cam - cam.amin(dim=(-2, -1), keepdim=True)
+        return cam / (cam.amax(dim=(-2, -1), keepdim=True) + 1e-5)
 
     return normalise(sum(cams)), normalise(aux_kept[0]), sum(seg_list)
 
@@ -86,11 +82,8 @@ def cam_loss_v1(cam: torch.Tensor, seg_ps: torch.Tensor, cls_label: torch.Tensor
                 ) -> torch.Tensor:
     """``seg_refine_by_label`` then ``cam_loss``: absent classes' logits -1e5, softmax / T, the foreground part
     down-sampled to the CAM grid; multilabel soft margin against ReLU of the raw CAM, mean over pixels."""
-    logits = seg_ps.clone()
-    for i in range(logits.shape[0]):
-        for c in range(cls_label.shape[1]):
-            if cls_label[i, c].item() == 0:
-                logits[i, c + 1] = -1e5
+    absent = torch.cat([torch.zeros_like(cls_label[:, :1]), 1 - cls_label], dim=1)[:, :, None, None].bool()
+    logits = seg_ps.masked_fill(absent, -1e5)
     target = (logits / temperature).softmax(dim=1)[:, 1:]
     target = F.interpolate(target, size=cam.shape[-2:], mode="bilinear", align_corners=False)
     K = cam.shape[1]
