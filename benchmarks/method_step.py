@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # correctness: the same weights and batch, fp32, both sides' terms
     fast = StepModule(method, copy.deepcopy(model))
-    ours = {k: float(t.value) for k, t in fast(batch, it).items()}
+    ours = {k: float(t.value.detach()) for k, t in fast(batch, it).items()}
     ref_model = copy.deepcopy(model)
     want = {k: float(v) for k, v in official.step_terms(ref_model, ref_model.teacher, batch, cfg, 0).items()}
     bad = {k: (v, want[k]) for k, v in ours.items() if abs(v - want[k]) > 1e-4 * max(1.0, abs(want[k]))}
