@@ -310,3 +310,45 @@ def test_reg_loss_exact_gradient_switch():
     p2 = probs.detach().requires_grad_()
     (-(p2 * roi * gate * lattice.filter(p2 * roi)).sum()).backward()  # gate held constant, as in the reference
     torch.testing.assert_close(probs.grad, p2.grad, rtol=1e-6, atol=1e-9)
+
+
+def official_crops(images, roi, crop_index, size):
+    """The authors' crop_from_roi_neg for given centres: per image and crop, the window whose top-left corner is the
+    centre's index in the inner slice roi[margin:H-margin, margin:W-margin]; negative iff sum(roi) / size^2 <= 0.2."""
+    B, M = crop_index.shape[:2]
+    crops = torch.zeros(B, M, images.shape[1], size, size)
+    flags = torch.ones(B, M)
+    for i in range(B):
+        for j in range(M):
+            h0, w0 = crop_index[i, j].tolist()
+            crops[i, j] = images[i, :, h0:h0 + size, w0:w0 + size]
+            if roi[i, h0:h0 + size, w0:w0 + size].sum() / (size * size) <= 0.2:
+                flags[i, j] = 0
+    return crops, flags
+
+
+@pytest.mark.parametrize("size", [8, 9])
+def test_toco_crops_equal_the_official_crops(size):
+    from fastwsss.methods.toco import crops_at
+
+    g = torch.Generator().manual_seed(0)
+    B, M, H, W = 2, 5, 20, 24
+    images = torch.randn(B, 3, H, W, generator=g)
+    roi = torch.randint(0, 3, (B, H, W), generator=g).float()
+    margin = size // 2
+    inner = torch.stack([torch.randint(0, H - 2 * margin, (B, M), generator=g),
+                         torch.randint(0, W - 2 * margin, (B, M), generator=g)], dim=-1)  # inner-slice indices
+    centres = (inner[..., 0] + margin) * W + inner[..., 1] + margin  # the same positions, flat in the image
+    crops, flags = crops_at(images, roi, centres, size, 0.2)
+    want_crops, want_flags = official_crops(images, roi, inner, size)
+    assert torch.equal(crops, want_crops) and torch.equal(flags, want_flags)
+
+
+def test_a_toco_crop_that_cannot_fit_is_an_error_at_start(tiny_config):
+    from fastwsss.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"toco.crop_size=32 leaves 0 possible crop centres in a data.crop_size=32"):
+        tiny_config("train.method=toco", "toco.crop_size=32")
+    with pytest.raises(ConfigError, match=r"leaves 4 possible crop centres .* contrast.num_local=8"):
+        tiny_config("train.method=toco", "toco.crop_size=30")  # 32 - 2 * 15 = 2: 2 x 2 centres for 8 crops
+    assert tiny_config("train.method=toco", "toco.crop_size=30", "contrast.num_local=4").toco.crop_size == 30

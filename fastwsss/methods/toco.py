@@ -33,6 +33,11 @@ class ToCoConfig:
     def errors(self, cfg: Config) -> list[str]:
         errors = contrast_errors(cfg)
         check_range(errors, "toco.crop_size", self.crop_size, 0, lo_open=True)
+        centres = max(cfg.data.crop_size - 2 * (self.crop_size // 2), 0) ** 2
+        if 0 < self.crop_size and centres < cfg.contrast.num_local:
+            errors.append(f"toco.crop_size={self.crop_size} leaves {centres} possible crop centres in a data.crop_size="
+                          f"{cfg.data.crop_size} crop for contrast.num_local={cfg.contrast.num_local} local crops (the "
+                          "authors' crop_from_roi_neg fails the same way): make toco.crop_size smaller")
         return errors
 
 
@@ -174,13 +179,24 @@ class ToCo(Method):
         centres = torch.stack([torch.multinomial(w, M, replacement=False,
                                                  generator=sample_generator(cfg, pos, w.device))
                                for w, pos in zip(weights, batch["position"].tolist())])  # [B, M] flat pixel indices
-        cy, cx = centres // W, centres % W
-        offs = torch.arange(S, device=roi.device) - half
-        rows = (cy[..., None] + offs)[..., :, None].expand(B, M, S, S)  # [B, M, S, S]
-        cols = (cx[..., None] + offs)[..., None, :].expand(B, M, S, S)
-        b = torch.arange(B, device=roi.device)[:, None, None, None].expand(B, M, S, S)
-        crops = local.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 1, 4, 2, 3)  # [B, M, 3, S, S]
-        with fp32_arithmetic():
-            flags = (roi[b, rows, cols].mean(dim=(2, 3)) > cfg.contrast.neg_thresh).float()
-        tokens = forward_features(model.backbone, crops.reshape(B * M, *crops.shape[2:]), model.aux_layer)[0]
+        crops, flags = crops_at(local, roi, centres, S, cfg.contrast.neg_thresh)
+        tokens = forward_features(model.backbone, crops.flatten(0, 1), model.aux_layer)[0]
         return tokens.reshape(B, M, -1), flags
+
+
+def crops_at(images: torch.Tensor, roi: torch.Tensor, centres: torch.Tensor, size: int, neg_thresh: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The size x size crops of ``images`` [B, 3, H, W] centred at ``centres`` [B, M] (flat pixel indices; rows
+    centre - size // 2 ... , as the authors' crop_from_roi_neg takes them) -> crops [B, M, 3, S, S] and flags [B, M]:
+    a crop is negative (0) iff its mean roi <= ``neg_thresh``."""
+    B, M = centres.shape
+    W, S, half = roi.shape[-1], size, size // 2
+    cy, cx = centres // W, centres % W
+    offs = torch.arange(S, device=roi.device) - half
+    rows = (cy[..., None] + offs)[..., :, None].expand(B, M, S, S)  # [B, M, S, S]
+    cols = (cx[..., None] + offs)[..., None, :].expand(B, M, S, S)
+    b = torch.arange(B, device=roi.device)[:, None, None, None].expand(B, M, S, S)
+    crops = images.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 1, 4, 2, 3)  # [B, M, 3, S, S]
+    with fp32_arithmetic():
+        flags = (roi[b, rows, cols].mean(dim=(2, 3)) > neg_thresh).float()
+    return crops, flags
