@@ -8,7 +8,8 @@ before anything runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -222,11 +223,27 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> list[str]:
 
 def _range(errors: list[str], key: str, value: float, lo: float | None = None, hi: float | None = None, *,
            lo_open: bool = False, what: str = "") -> None:
-    """Append an error unless lo <= value <= hi (lo < value with ``lo_open``)."""
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    """Append an error unless lo <= value <= hi (lo < value with ``lo_open``); NaN and +-inf are errors too (every
+    comparison with NaN is false, so a NaN would pass any bound)."""
+    bad = not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
     if bad:
         bounds = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in {'(' if lo_open else '['}{lo}, {hi}]"
-        errors.append(f"{key}={value!r} must be {what or bounds}")
+        errors.append(f"{key}={value!r} must be {what or bounds}{'' if math.isfinite(value) else ' (a finite number)'}")
+
+
+def _non_finite(node, prefix: str = "") -> list[str]:
+    """The dotted keys of every float (or float in a tuple) of the config tree that is NaN or +-inf. No setting means
+    anything as NaN or infinity; walking the dataclass fields covers sections added later without listing them."""
+    keys = []
+    for f in fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            keys += _non_finite(value, f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            keys.append(key)
+        elif isinstance(value, (tuple, list)) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            keys.append(key)
+    return keys
 
 
 def validate(cfg: Config) -> Config:
@@ -241,8 +258,8 @@ def validate(cfg: Config) -> Config:
     for key in ("infer.scales", "cam.scales"):
         section, name = key.split(".")
         scales = list(getattr(getattr(cfg, section), name))
-        if not scales or min(scales) <= 0:
-            errors.append(f"{key}={scales} must be one or more positive scales")
+        if not scales or not all(0 < s < math.inf for s in scales):
+            errors.append(f"{key}={scales} must be one or more positive (finite) scales")
     if cfg.data.dataset == "folder" and not cfg.data.labels:
         errors.append("data.dataset=folder reads its images and labels from data.labels (a CSV or .npy): set it")
     for key in ("train_split", "val_split", "eval_split"):
@@ -253,8 +270,8 @@ def validate(cfg: Config) -> Config:
     if cfg.data.num_classes < 2:
         errors.append(f"data.num_classes={cfg.data.num_classes} must count background plus at least one class")
     lo, hi = cfg.data.rescale_range
-    if not 0 < lo <= hi:
-        errors.append(f"data.rescale_range={[lo, hi]} must satisfy 0 < low <= high")
+    if not 0 < lo <= hi < math.inf:
+        errors.append(f"data.rescale_range={[lo, hi]} must satisfy 0 < low <= high (finite)")
     for key in ("train.max_iters", "train.batch_size", "train.grad_accum", "train.log_interval", "train.eval_interval",
                 "train.ckpt_interval", "data.crop_size", "eval.batch_size", "cam.par_num_iter",
                 "contrast.proj_dim", "contrast.proj_hidden", "contrast.proj_bottleneck", "contrast.mcc_mask_cell",
@@ -282,15 +299,21 @@ def validate(cfg: Config) -> Config:
     for key, value in (("cam.high_thresh", c.high_thresh), ("cam.low_thresh", c.low_thresh),
                        ("cam.bkg_thresh", c.bkg_thresh), ("contrast.neg_thresh", cfg.contrast.neg_thresh),
                        ("contrast.mcc_mask_prob", cfg.contrast.mcc_mask_prob),
-                       ("contrast.ema_momentum", cfg.contrast.ema_momentum), ("optim.warmup_ratio", o.warmup_ratio)):
+                       ("contrast.ema_momentum", cfg.contrast.ema_momentum), ("optim.warmup_ratio", o.warmup_ratio),
+                       ("data.color_jitter_p", cfg.data.color_jitter_p), ("data.grayscale_p", cfg.data.grayscale_p),
+                       ("data.blur_p", cfg.data.blur_p)):
         _range(errors, key, value, 0.0, 1.0)
     if c.low_thresh > c.high_thresh:
         errors.append(f"cam.low_thresh={c.low_thresh} must be <= cam.high_thresh={c.high_thresh}")
     for key, value in (("optim.lr", o.lr), ("optim.head_lr_mult", o.head_lr_mult), ("optim.eps", o.eps),
                        ("loss.temperature", cfg.loss.temperature), ("loss.reg_sigma_rgb", cfg.loss.reg_sigma_rgb),
-                       ("loss.reg_sigma_xy", cfg.loss.reg_sigma_xy), ("loss.reg_scale", cfg.loss.reg_scale)):
+                       ("loss.reg_sigma_xy", cfg.loss.reg_sigma_xy), ("loss.reg_scale", cfg.loss.reg_scale),
+                       ("infer.crf_gauss_sxy", cfg.infer.crf_gauss_sxy), ("infer.crf_bi_sxy", cfg.infer.crf_bi_sxy),
+                       ("infer.crf_bi_srgb", cfg.infer.crf_bi_srgb)):
         _range(errors, key, value, 0.0, lo_open=True)
-    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.power", o.power)):
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.power", o.power),
+                       ("infer.crf_gauss_compat", cfg.infer.crf_gauss_compat),
+                       ("infer.crf_bi_compat", cfg.infer.crf_bi_compat)):
         _range(errors, key, value, 0.0)
     for i, beta in enumerate(o.betas):
         if not 0 <= beta < 1:
@@ -306,9 +329,18 @@ def validate(cfg: Config) -> Config:
     elif depth is not None and not -depth <= cfg.model.aux_layer < depth:
         errors.append(f"model.aux_layer={cfg.model.aux_layer} must name one of the {depth} blocks "
                       f"({-depth}..{depth - 1})")
+    for key in _non_finite(cfg):  # what no range check above named
+        if not any(e.startswith(f"{key}=") or e.startswith(f"{key}[") for e in errors):
+            errors.append(f"{key}={_get(cfg, key)!r} must be a finite number")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return list(cfg) if isinstance(cfg, tuple) else cfg
 
 
 def packaged_configs() -> dict[str, Path]:

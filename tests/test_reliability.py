@@ -3,6 +3,7 @@ One test per finding of the hostile-user review (issue 15); each failed before i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -86,6 +87,33 @@ def test_bad_values_fail_at_start(tiny_config, override, key):
     with pytest.raises(ConfigError) as err:
         tiny_config("train.method=mcc", override)
     assert key in str(err.value)
+
+
+def _float_keys(node, prefix=""):
+    """(dotted key, value) of every float or tuple-of-floats field of the config tree."""
+    out = []
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _float_keys(value, f"{key}.")
+        elif isinstance(value, float) or (isinstance(value, tuple) and value and isinstance(value[0], float)):
+            out.append((key, value))
+    return out
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_non_finite_floats_fail_at_start_naming_the_key(bad):
+    """NaN passes every comparison and inf passes a lower bound: every float setting, each alone, is refused."""
+    from fastwsss.config import Config, load_config
+
+    keys = _float_keys(Config())
+    assert {"optim.lr", "cam.high_thresh", "contrast.neg_thresh", "optim.betas", "cam.scales"} <= {k for k, _ in keys}
+    for key, value in keys:
+        text = f"[{','.join([bad, *map(str, value[1:])])}]" if isinstance(value, tuple) else bad
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"{key}={text}"])
+        lines = str(err.value).splitlines()
+        assert lines[1].strip().startswith(key), (key, str(err.value))  # the first problem named is this key
 
 
 def test_every_typo_at_once_with_its_source(tmp_path):
