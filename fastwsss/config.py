@@ -248,6 +248,13 @@ def _non_finite(node, prefix: str = "") -> list[str]:
 
 def validate(cfg: Config) -> Config:
     """Check what types alone cannot, before anything runs; every problem is reported at once."""
+    errors = _validation_errors(cfg)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _validation_errors(cfg: Config) -> list[str]:
     errors = _choice("data.dataset", cfg.data.dataset, DATASETS)
     errors += _choice("train.method", cfg.train.method, METHODS)
     errors += _choice("train.precision", cfg.train.precision, PRECISIONS)
@@ -332,9 +339,7 @@ def validate(cfg: Config) -> Config:
     for key in _non_finite(cfg):  # what no range check above named
         if not any(e.startswith(f"{key}=") or e.startswith(f"{key}[") for e in errors):
             errors.append(f"{key}={_get(cfg, key)!r} must be a finite number")
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    return cfg
+    return errors
 
 
 def _get(cfg, key: str):
@@ -407,9 +412,10 @@ def _leaves(node, prefix: str = "") -> list[tuple[str, object]]:
     return [(prefix[:-1], node)]
 
 
-def _layer_errors(schema, layer, source: str) -> list[str]:
-    """Every unknown key and every value of the wrong type in one layer, each with the layer's source."""
-    errors = []
+def _layer_errors(schema, layer, source: str) -> tuple[list[str], object]:
+    """Every unknown key and every value of the wrong type in one layer, each with the layer's source; and the layer
+    without them (so that the values' own checks can still run and be reported with them)."""
+    errors, clean = [], OmegaConf.create()
     for key, node in _leaves(layer):
         single = OmegaConf.create()
         OmegaConf.update(single, key, node, force_add=True)
@@ -418,7 +424,9 @@ def _layer_errors(schema, layer, source: str) -> list[str]:
         except OmegaConfBaseException as err:
             msg = str(err).split("\n")[0]
             errors.append(f"{key}: {msg} ({source})")
-    return errors
+        else:
+            OmegaConf.update(clean, key, node, force_add=True)
+    return errors, clean
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -434,8 +442,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if bad:
         raise ConfigError(f"overrides must be key=value, got: {' '.join(bad)}")
     layers.append((OmegaConf.from_dotlist(list(overrides)), "command line"))
-    errors = [e for layer, source in layers for e in _layer_errors(schema, layer, source)]
-    if errors:
+    checked = [_layer_errors(schema, layer, source) for layer, source in layers]
+    errors = [e for layer_errors, _ in checked for e in layer_errors]
+    if errors:  # with the values' own problems, from the layers without the bad keys: one command line, one fix
+        try:
+            errors += _validation_errors(OmegaConf.to_object(OmegaConf.merge(schema, *(c for _, c in checked))))
+        except OmegaConfBaseException:  # e.g. a ??? left unset: reported once the keys are fixed
+            pass
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     merged = OmegaConf.merge(schema, *(layer for layer, _ in layers))
     # a layer's ??? (mandatory) must be set by a later layer: merging ??? would silently keep the default

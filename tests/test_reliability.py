@@ -133,6 +133,20 @@ def test_every_typo_at_once_with_its_source(tmp_path):
     assert "cam.scalez" in msg and "(command line)" in msg
 
 
+def test_a_typo_does_not_hide_the_range_errors_of_the_same_command_line(tmp_path):
+    from fastwsss.config import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", ["train.max_iterz=3", "cam.high_thresh=1.5", "optim.lr=fast", "optim.eps=nan"])
+    msg = str(err.value)
+    for key in ("train.max_iterz", "optim.lr: ", "cam.high_thresh=1.5", "optim.eps=nan"):
+        assert key in msg, (key, msg)
+    own = tmp_path / "mine.yaml"
+    own.write_text("base: voc_mcc.yaml\nmodel:\n  depht: 3\n")  # a ??? (model.pretrained) left unset as well
+    with pytest.raises(ConfigError, match=r"model\.depht[\s\S]*mine\.yaml"):
+        load_config(own, ["cam.high_thresh=2"])
+
+
 def test_edited_masks_give_new_labels(tmp_path):
     from fastwsss.data.synthetic import generate_dataset
 
