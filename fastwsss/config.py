@@ -9,6 +9,7 @@ before anything runs.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -239,9 +240,8 @@ def _non_finite(node, prefix: str = "") -> list[str]:
         value, key = getattr(node, f.name), f"{prefix}{f.name}"
         if is_dataclass(value):
             keys += _non_finite(value, f"{key}.")
-        elif isinstance(value, float) and not math.isfinite(value):
-            keys.append(key)
-        elif isinstance(value, (tuple, list)) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+        elif any(isinstance(v, float) and not math.isfinite(v)
+                 for v in (value if isinstance(value, (tuple, list)) else (value,))):
             keys.append(key)
     return keys
 
@@ -330,6 +330,15 @@ def _validation_errors(cfg: Config) -> list[str]:
     if cfg.train.method != "cam" and cfg.contrast.num_local < 1:
         errors.append(f"contrast.num_local={cfg.contrast.num_local} must be >= 1 with train.method="
                       f"{cfg.train.method} (its contrast term needs local views)")
+    m = cfg.model
+    if m.embed_dim is not None and m.embed_dim < 1 or m.num_heads is not None and m.num_heads < 1:
+        errors.append(f"model.embed_dim={m.embed_dim} and model.num_heads={m.num_heads} must be positive (or null: "
+                      "the timm architecture's own)")
+    elif m.embed_dim is not None and m.num_heads is not None and m.embed_dim % m.num_heads:
+        errors.append(f"model.embed_dim={m.embed_dim} must be a multiple of model.num_heads={m.num_heads} (each head "
+                      "gets embed_dim / num_heads channels)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device):
+        errors.append(f"train.device={cfg.train.device!r} is not one of auto, cpu, cuda, cuda:N")
     depth = cfg.model.depth
     if depth is not None and depth < 1:
         errors.append(f"model.depth={depth} must be positive")
@@ -337,7 +346,7 @@ def _validation_errors(cfg: Config) -> list[str]:
         errors.append(f"model.aux_layer={cfg.model.aux_layer} must name one of the {depth} blocks "
                       f"({-depth}..{depth - 1})")
     for key in _non_finite(cfg):  # what no range check above named
-        if not any(e.startswith(f"{key}=") or e.startswith(f"{key}[") for e in errors):
+        if not any(e.startswith((f"{key}=", f"{key}[")) for e in errors):
             errors.append(f"{key}={_get(cfg, key)!r} must be a finite number")
     return errors
 

@@ -300,6 +300,52 @@ def test_user_errors_are_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def _one_line_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    return err[err.index("error: "):].strip()  # one line, or the config's list of problems
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.embed_dim=33", "model.embed_dim=33 must be a multiple of model.num_heads=2"),
+    ("model.backbone=resnet50", "timm cannot build model.backbone='resnet50'"),
+    ("model.backbone=deit_tiny_patch16", "model.backbone='deit_tiny_patch16' is not a timm model (did you mean "),
+    ("train.device=tpu", "train.device='tpu' is not one of auto, cpu, cuda, cuda:N"),
+    ("train.device=cuda:99", "train.device=cuda:99 but"),
+    ("model.pretrained={tmp}/missing.pt", "pretrained weights not found: {tmp}/missing.pt (model.pretrained)"),
+    ("model.pretrained={tmp}/junk.pt", "cannot read pretrained weights {tmp}/junk.pt (model.pretrained)"),
+    ("model.pretrained={tmp}/run0/checkpoints/last.pt", "model.pretrained={tmp}/run0/checkpoints/last.pt is a "
+     "fastwsss training checkpoint, not backbone weights: continue that run with run.resume={tmp}/run0"),
+    ("model.pretrained={tmp}/other.pt", "tensor 'cls_token' has shape (1, 1, 8), the model expects (1, 1, 32)"),
+])
+def test_model_device_and_weights_mistakes_are_one_line_at_start(tiny_config, tmp_path, capsys, override, expected):
+    """Each is known before anything is built: one line, exit status 2, the data never opened (its root is missing)
+    and no run directory made."""
+    from fastwsss.checkpoint import rng_state
+    from fastwsss.config import to_yaml
+    from fastwsss.models import create_vit
+
+    (tmp_path / "junk.pt").write_text("junk")
+    save_checkpoint(tmp_path / "run0" / "checkpoints" / "last.pt",  # as training writes one: numpy RNG state inside
+                    {"iteration": 3, "model": {}, "config": "", "rng": rng_state()})
+    other = create_vit("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=8, depth=3, num_heads=2)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    (tmp_path / "cfg.yaml").write_text(to_yaml(tiny_config()))
+    missing = tmp_path / "no_data"
+    line = _one_line_error(["--config", str(tmp_path / "cfg.yaml"), "data.dataset=voc", f"data.root={missing}",
+                            override.format(tmp=tmp_path)], capsys)
+    assert expected.format(tmp=tmp_path) in line and ("\n" not in line or line.startswith("error: invalid config:\n")), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_without_cuda_is_one_line(tiny_config, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = _one_line_error(["--config", "demo", "train.device=cuda"], capsys)
+    assert line.startswith("error: train.device=cuda but CUDA is not available"), line
+
+
 def test_infer_does_not_swallow_model_errors(tiny_config, tmp_path, monkeypatch):
     """A CUDA out-of-memory or a compile error is not 'image failed' for every image: it stops the run."""
     from fastwsss.inference import export
