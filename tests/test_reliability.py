@@ -51,6 +51,19 @@ def test_huge_lr_never_puts_a_non_finite_value_in_a_checkpoint(tiny_config, tmp_
         assert all(torch.isfinite(v).all() for v in st.values() if torch.is_tensor(v))
 
 
+def test_a_run_stopped_by_non_finite_steps_is_one_line(tiny_config, tmp_path, capsys):
+    """The command's view of the run above: one line naming the steps and the last good checkpoint, exit status 1."""
+    from fastwsss.config import to_yaml
+
+    (tmp_path / "cfg.yaml").write_text(to_yaml(tiny_config("optim.lr=1e6", "train.max_iters=40", "train.ckpt_interval=1",
+                                                           "train.eval_interval=100", "kernels.backend=torch")))
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--config", str(tmp_path / "cfg.yaml")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: training stopped: 10 steps skipped for non-finite values")
+
+
 def test_step_guard_restores_weights_optimizer_and_teacher():
     model = torch.nn.ModuleDict({"student": torch.nn.Linear(3, 2), "teacher": torch.nn.Linear(3, 2)})
     model["teacher"].requires_grad_(False)
