@@ -6,7 +6,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,12 +22,11 @@ LOCK_NAME = ".fastwsss.lock"
 def atomic_write(path: str | Path, write: Callable[[Path], None], *, fsync: bool = False) -> Path:
     """``write(tmp)`` into a uniquely named temporary file beside ``path`` (``.<name>.<random>.tmp``), then rename it
     over ``path``: a reader never sees half a file, a crash leaves only a temporary, and two writers never share
-    one. ``fsync``: flush the file to disk before the rename (checkpoints)."""
+    one. ``fsync``: flush the file to disk before the rename (checkpoints). The file gets the permissions ``open()``
+    would give it (0666 less the umask), not ``mkstemp``'s 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _create_temp(path)
     try:
         write(tmp)
         if fsync:
@@ -38,6 +37,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, fsync: bool
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _create_temp(path: Path) -> Path:
+    """A new empty file ``.<name>.<random>.tmp`` beside ``path``, created exclusively (as ``mkstemp``) with mode 0666:
+    the kernel applies the umask, as it does for ``open()`` (``mkstemp``'s 0600 would make every file private)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def remove_stale_temps(folder: str | Path, recursive: bool = False) -> int:

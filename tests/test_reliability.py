@@ -387,3 +387,34 @@ def test_checkpoints_are_written_through_unique_temporaries(tmp_path):
     save_checkpoint(tmp_path / "c.pt", {"iteration": 1, "model": {}, "config": ""})
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
     assert json.dumps(load_checkpoint(tmp_path / "c.pt")["iteration"]) == "1"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_written_files_get_the_umask_permissions_as_open_gives_them(tmp_path, umask):
+    """mkstemp's 0600 made every checkpoint, config.yaml, results.json and mask private whatever the umask."""
+    from fastwsss.data.coco import _png
+
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+        atomic_write(tmp_path / "config.yaml", lambda p: p.write_text("x"))
+        save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"iteration": 1, "model": {}, "config": ""})
+        atomic_write(tmp_path / "mask.png", lambda p: _png(np.zeros((4, 4), np.uint8), p))
+        root = tmp_path / "root"
+        (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+        (root / "ImageSets" / "Segmentation" / "s.txt").write_text("a\n")
+        (root / "JPEGImages").mkdir()
+        (root / "SegmentationClassAug").mkdir()
+        Image.new("RGB", (4, 4)).save(root / "JPEGImages" / "a.jpg")
+        Image.fromarray(np.ones((4, 4), np.uint8)).save(root / "SegmentationClassAug" / "a.png")
+        SegmentationList(root, "s", "voc", 2)  # writes the label cache under the root
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected
+    written = [tmp_path / "config.yaml", tmp_path / "checkpoints" / "last.pt", tmp_path / "mask.png",
+               *(root / ".fastwsss_cache").iterdir()]
+    for path in written:
+        assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode))
+

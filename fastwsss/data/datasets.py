@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
+from ..files import atomic_write
 from .labels import read_label_file
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, augment, contrast_sample, normalize, random_key_masks
 
@@ -200,12 +200,13 @@ class SegmentationList:
                 raise DataError(f"mask {path} holds class values {bad.tolist()} >= data.num_classes="
                                 f"{self.num_classes} (only 0..{self.num_classes - 1} and {IGNORE_INDEX} allowed)")
             counts[i] = hist[: self.num_classes]
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary's name
+                np.save(f, counts)
+
         for d in candidates:  # first writable location wins; atomic so a killed scan never leaves half a file
             try:
-                d.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=d, suffix=".tmp", delete=False) as f:
-                    np.save(f, counts)
-                os.replace(f.name, d / file_name)
+                atomic_write(d / file_name, save)  # readable by whoever may read the root (the umask's mode)
                 break
             except OSError:
                 continue
