@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,33 +74,104 @@ class DirLockedError(RuntimeError):
     pass
 
 
+_HELD_FDS: set[int] = set()  # the lock files this process holds open (DirLock)
+
+
+def _close_held_in_child() -> None:
+    """After a fork (DataLoader and process-pool workers): drop the child's copies of the lock fds. A forked child
+    shares the lock, and an orphaned one would keep it after its parent died. Closing a copy never unlocks (only
+    LOCK_UN or the last close does), so the parent's lock stands."""
+    for fd in _HELD_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    try:  # a killed process its parent has not reaped yet is dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 class DirLock:
     """An exclusive lock on a folder for as long as this process writes into it (``with DirLock(dir, "run"):``).
     A second process gets a clear error at once instead of interleaving its files with the first one's. The lock is
-    the kernel's (``flock``): it is released when the process ends, however it ends."""
+    the kernel's (``flock``) on ``<folder>/.fastwsss.lock``, which records the owner (``<pid> on <host>``); it is
+    released when the owner ends, however it ends. Children must not keep it: the fd is close-on-exec, a child
+    forked through ``os.fork`` (DataLoader workers, process pools) closes its copy at once, and a lock whose
+    recorded owner is dead on this host but that a child forked some other way still holds is stale: the lock file
+    is replaced (one process at a time, under a lock on the folder itself)."""
 
     def __init__(self, folder: str | Path, what: str = "folder"):
         self.folder, self.what = Path(folder), what
         self._fd: int | None = None
+        self._pid: int | None = None
 
     def __enter__(self) -> Self:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        for _ in range(3):  # again after a stale lock was replaced, or our file was while we waited
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 256).decode(errors="replace").strip()
+                stale = self._replace_stale(path, fd, holder)
+                os.close(fd)
+                if stale:
+                    continue
+                raise DirLockedError(f"{self.what} {self.folder} is in use by process {holder or 'another process'}: "
+                                     "wait for it to finish, or choose another folder") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # a stale lock file replaced between our open and our lock: lock the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} on {socket.gethostname()}".encode())
+            self._fd, self._pid = fd, os.getpid()
+            _HELD_FDS.add(fd)
+            return self
+        raise DirLockedError(f"{self.what} {self.folder}: cannot take its lock {path} (other processes keep "
+                             "replacing it)")
+
+    def _replace_stale(self, path: Path, fd: int, holder: str) -> bool:
+        """True if the lock ``fd`` holds the recorded owner's lock although that owner is dead on this host (only
+        children it forked hold it now): the lock file is then unlinked, unless another process did so first."""
+        pid, _, host = holder.partition(" on ")
+        if not pid.isdigit() or host != socket.gethostname() or _owner_alive(int(pid)):
+            return False
+        folder_fd = os.open(self.folder, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise DirLockedError(f"{self.what} {self.folder} is in use by process {holder}: wait for it to finish, "
-                                 "or choose another folder") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-        return self
+            fcntl.flock(folder_fd, fcntl.LOCK_EX)  # one replacer at a time; held for a few system calls
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(path)
+                    log.warning("%s %s: its lock was held by process %s, which is dead, through its orphaned child "
+                                "processes: taken over", self.what, self.folder, pid)
+            except FileNotFoundError:
+                pass
+        finally:
+            os.close(folder_fd)
+        return True
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._pid == os.getpid():  # a forked child's copy is closed already
+            _HELD_FDS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
-            self._fd = None
+        self._fd = self._pid = None

@@ -251,6 +251,48 @@ def test_a_run_directory_has_one_writer(tiny_config, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+_LOCK_HOLDER = """
+import ctypes, os, sys, time
+from fastwsss.files import DirLock
+lock = DirLock(sys.argv[1], "run directory").__enter__()
+if sys.argv[2] == "os.fork":  # as DataLoader workers and process pools are made
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+else:  # a fork Python does not see (a C extension's): the child keeps the lock's fd
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = libc.fork()
+    if pid == 0:
+        libc.sleep(60)
+        libc._exit(0)
+print(pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("fork", ["os.fork", "libc-fork"])
+def test_a_lock_dies_with_its_owner_whatever_children_it_forked(tmp_path, fork):
+    """kill -9 of a process holding a run directory's lock while a child it forked lives on: the folder can be
+    locked again at once (the orphan kept the flock for as long as it lived)."""
+    folder = tmp_path / "run"
+    owner = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(folder), fork], stdout=subprocess.PIPE,
+                             text=True)
+    grandchild = int(owner.stdout.readline())
+    try:
+        with pytest.raises(DirLockedError, match=f"in use by process {owner.pid} on "):
+            DirLock(folder).__enter__()  # a live owner keeps its lock
+        owner.kill()
+        owner.wait(timeout=30)
+        with DirLock(folder, "run directory"):  # at once, while the grandchild still runs
+            assert os.kill(grandchild, 0) is None
+            with pytest.raises(DirLockedError, match=str(os.getpid())):
+                DirLock(folder).__enter__()
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+        owner.stdout.close()
+
+
 def test_temporaries_are_unique_and_stale_ones_are_removed(tiny_config, tmp_path):
     names = []
     for _ in range(2):
