@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .files import atomic_write
+from .files import WriteError, atomic_write
 
 FORMAT_VERSION = 1
 CHECKPOINT_KEYS = ("format_version", "iteration", "model", "config")  # what makes a file a checkpoint of ours
@@ -44,9 +44,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_GOOD: dict[str, int] = {}  # checkpoint file -> the iteration this process last saved there or loaded from it
+
+
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    return atomic_write(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp), fsync=True)
+    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file. A failed
+    write (a full disk) is a :class:`WriteError` saying so, and which iteration the intact file holds where this
+    process saved or loaded it."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp), fsync=True)
+    except WriteError as err:
+        good = _GOOD.get(str(path.resolve())) if path.is_file() else None
+        kept = (f"the last good checkpoint, iteration {good}, is intact in {path}" if good is not None else
+                f"{path} as it was before is intact" if path.is_file() else "no checkpoint was saved before")
+        raise WriteError(f"cannot save the checkpoint of iteration {state.get('iteration')} to {path}: {err.reason}; "
+                         f"{kept}", err.reason, path) from err
+    _GOOD[str(path.resolve())] = state.get("iteration")
+    return path
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
@@ -89,6 +104,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"{path} is not a fastwsss checkpoint (missing {', '.join(missing)})")
     state["path"] = str(path)
+    _GOOD[str(path.resolve())] = state["iteration"]
     return state
 
 

@@ -1,6 +1,6 @@
 """What the commands share: a user's mistake (a bad config, a missing or corrupt file, a checkpoint that does not
 fit, a folder another process holds) ends as one line on stderr and exit status 2, not a traceback; a run stopped by
-non-finite steps, as one line and exit status 1."""
+non-finite steps or a file that could not be written (a full disk), as one line and exit status 1."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError, LabelFileError
-from .files import DirLockedError
+from .files import DirLockedError, WriteError
 from .runtime import shutdown_distributed
 
 USER_ERRORS = (ConfigError, DataError, LabelFileError, CheckpointError, DirLockedError, FileNotFoundError,
@@ -20,7 +20,9 @@ USER_ERRORS = (ConfigError, DataError, LabelFileError, CheckpointError, DirLocke
 # start, so not status 2: the run began and its last checkpoint is good. It is one line too, with status 1, the
 # status of a run that failed (as infer's when an image failed): the message names the step, the problem and where the
 # last good checkpoint is; a traceback into the loop would say nothing more.
-STOPPED_ERRORS = (FloatingPointError,)
+# A file that could not be written (a full disk: WriteError says which file, why, and what is intact) stops a command
+# that was running fine: status 1 as well.
+STOPPED_ERRORS = (FloatingPointError, WriteError)
 STOPPED_STATUS = 1
 
 
@@ -35,7 +37,7 @@ def user_errors(main: Callable) -> Callable:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         except STOPPED_ERRORS as err:
-            print(f"error: training stopped: {err}", file=sys.stderr)
+            print(f"error: {'training stopped: ' if isinstance(err, FloatingPointError) else ''}{err}", file=sys.stderr)
             sys.exit(STOPPED_STATUS)
         finally:
             shutdown_distributed()

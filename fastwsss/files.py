@@ -3,10 +3,12 @@ folder a process writes into, and the removal of temporaries a killed process le
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import secrets
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -20,23 +22,65 @@ TEMP_SUFFIX = ".tmp"
 LOCK_NAME = ".fastwsss.lock"
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a quota, a read-only or failing filesystem); the message says which
+    file, why in words, and that what was there before is intact. ``reason``: the why alone."""
+
+    def __init__(self, message: str, reason: str, path: Path):
+        super().__init__(message)
+        self.reason, self.path = reason, path
+
+
+# what torch.save's C++ writer says when a write fails (it names neither the file nor the cause)
+_TORCH_WRITE_FAILED = ("file write failed", "iostream error", "PytorchStreamWriter failed", "inline_container")
+_FULL = 16 * 2**20  # free bytes under which an unexplained failed write is put down to a full filesystem
+
+
+def _write_failure(path: Path, err: BaseException) -> str | None:
+    """Why writing beside ``path`` failed, in words (measured while the failed temporary still takes its space);
+    None if ``err`` is not a failed write (a bug in the writer, an interrupt: raised as it is)."""
+    if isinstance(err, OSError):
+        known = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system"}
+        reason = known.get(err.errno, err.strerror or str(err))
+    elif isinstance(err, RuntimeError) and any(s in str(err) for s in _TORCH_WRITE_FAILED):
+        reason = None
+    else:
+        return None
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if reason is None:
+        reason = "no space left on device" if free is not None and free < _FULL else (
+            f"the write failed ({str(err).strip().splitlines()[0]})")
+    return reason + ("" if free is None else f" ({free / 2**20:.1f} MiB free on its filesystem)")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None], *, fsync: bool = False) -> Path:
     """``write(tmp)`` into a uniquely named temporary file beside ``path`` (``.<name>.<random>.tmp``), then rename it
     over ``path``: a reader never sees half a file, a crash leaves only a temporary, and two writers never share
     one. ``fsync``: flush the file to disk before the rename (checkpoints). The file gets the permissions ``open()``
-    would give it (0666 less the umask), not ``mkstemp``'s 0600."""
+    would give it (0666 less the umask), not ``mkstemp``'s 0600. A failed write (a full disk, torch's writer's
+    ``file write failed``) raises :class:`WriteError` naming the file, the cause and that ``path`` is unchanged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temp(path)
         write(tmp)
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        reason = _write_failure(path, err)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if reason is None:
+            raise
+        kept = f"{path} as it was before is intact" if path.is_file() else f"nothing was written to {path}"
+        raise WriteError(f"cannot write {path}: {reason}; {kept}", reason, path) from err
     return path
 
 

@@ -3,6 +3,7 @@ One test per finding of the hostile-user review (issue 15); each failed before i
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -371,8 +372,8 @@ def _one_line_error(argv, capsys) -> str:
     ("train.device=cuda:99", "train.device=cuda:99 but"),
     ("model.pretrained={tmp}/missing.pt", "pretrained weights not found: {tmp}/missing.pt (model.pretrained)"),
     ("model.pretrained={tmp}/junk.pt", "cannot read pretrained weights {tmp}/junk.pt (model.pretrained)"),
-    ("model.pretrained={tmp}/run0/checkpoints/last.pt", "model.pretrained={tmp}/run0/checkpoints/last.pt is a "
-     "fastwsss training checkpoint, not backbone weights: continue that run with run.resume={tmp}/run0"),
+    ("model.pretrained={tmp}/run0/checkpoints/last.pt", ("model.pretrained={tmp}/run0/checkpoints/last.pt is a "
+     "fastwsss training checkpoint, not backbone weights: continue that run with run.resume={tmp}/run0")),
     ("model.pretrained={tmp}/other.pt", "tensor 'cls_token' has shape (1, 1, 8), the model expects (1, 1, 32)"),
 ])
 def test_model_device_and_weights_mistakes_are_one_line_at_start(tiny_config, tmp_path, capsys, override, expected):
@@ -429,6 +430,98 @@ def test_checkpoints_are_written_through_unique_temporaries(tmp_path):
     save_checkpoint(tmp_path / "c.pt", {"iteration": 1, "model": {}, "config": ""})
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
     assert json.dumps(load_checkpoint(tmp_path / "c.pt")["iteration"]) == "1"
+
+
+_Usage = collections.namedtuple("_Usage", "total used free")  # shutil.disk_usage's result
+_TORCH_FULL = ("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3: file "
+               "write failed")
+
+
+@pytest.mark.parametrize("failure", ["torch-writer", "torch-iostream", "ENOSPC"])
+def test_a_full_disk_while_checkpointing_says_so_and_names_the_last_good_one(tmp_path, monkeypatch, failure):
+    """torch's writer says neither the file nor the cause; the previous checkpoint is intact and named."""
+    import errno
+
+    from fastwsss import checkpoint as checkpoint_module
+    from fastwsss.files import WriteError
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"iteration": 2, "model": {}, "config": ""})
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # the temporary takes its space, then the write fails
+        if failure == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError(_TORCH_FULL if failure == "torch-writer" else "basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: _Usage(10 * 2**30, 10 * 2**30 - 4096, 4096))
+    with pytest.raises(WriteError) as err:
+        save_checkpoint(path, {"iteration": 4, "model": {}, "config": ""})
+    msg = str(err.value)
+    assert msg.startswith(f"cannot save the checkpoint of iteration 4 to {path}: no space left on device")
+    assert msg.endswith(f"the last good checkpoint, iteration 2, is intact in {path}") and "\n" not in msg
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+def test_a_failed_write_with_room_left_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    from fastwsss.files import WriteError
+
+    def broken(p):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    with pytest.raises(WriteError, match=r"cannot write .*x\.pt: the write failed \(basic_ios::clear: iostream error\) "
+                       r"\([0-9.]+ MiB free on its filesystem\); nothing was written to"):
+        atomic_write(tmp_path / "x.pt", broken)
+    with pytest.raises(ZeroDivisionError):  # not a failed write: as it is
+        atomic_write(tmp_path / "x.pt", lambda p: 1 / 0)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_is_one_line_from_train_and_infer(tiny_config, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from fastwsss import checkpoint as checkpoint_module
+    from fastwsss.config import to_yaml
+    from fastwsss.infer import main as infer_main
+    from fastwsss.inference import export
+
+    (tmp_path / "cfg.yaml").write_text(to_yaml(tiny_config(*QUICK, "train.eval_interval=100")))
+    real_save = torch.save
+
+    def full_at_4(obj, f, *args, **kwargs):
+        if obj["iteration"] == 4:
+            raise RuntimeError(_TORCH_FULL)
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_at_4)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: _Usage(1, 1, 0))
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--config", str(tmp_path / "cfg.yaml")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: cannot save the checkpoint of iteration 4 to {tmp_path / 'run' / 'checkpoints' / 'last.pt'}: no space "
+        f"left on device (0.0 MiB free on its filesystem); the last good checkpoint, iteration 2, is intact in "
+        f"{tmp_path / 'run' / 'checkpoints' / 'last.pt'}")
+    monkeypatch.undo()
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (48, 48)).save(images / "a.png")
+
+    def no_space(image, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export.Image.Image, "save", lambda self, p, **kw: no_space(self, p))
+    with pytest.raises(SystemExit) as exit_info:
+        infer_main(["--checkpoint", str(tmp_path / "run"), "--images", str(images), "--out", str(tmp_path / "out"),
+                    "infer.num_workers=0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot write {tmp_path / 'out' / 'masks' / 'a.png'}: no space left on device ("), line
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
