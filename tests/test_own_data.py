@@ -117,6 +117,45 @@ def test_every_bad_row_is_named_at_once(tmp_path):
     assert "6 bad row(s)" in msg
 
 
+COCO_LIKE = ["background", "person", "traffic light", "hot dog", "dog"]  # COCO's names, as the converter writes them
+
+
+@pytest.mark.parametrize("rows", [
+    ['a.jpg,traffic light,dog', 'b.jpg,hot dog'],  # one class per cell: a name with spaces as it is
+    ['a.jpg,"traffic light",dog', 'b.jpg,"hot dog"'],  # quoted
+    ['a.jpg,"dog ""traffic light"""', 'b.jpg,"""hot dog"""'],  # several in a cell: the spaced one in quotes
+    ['a.jpg,dog "traffic light"', 'b.jpg,3'],  # a writer that did not quote, and an index
+], ids=["cells", "quoted-cells", "quoted-in-a-cell", "unquoted-in-a-cell"])
+def test_class_names_with_spaces(tmp_path, rows):
+    (tmp_path / "labels.csv").write_text("image,classes\n" + "\n".join(rows) + "\n")
+    names, labels, _ = read_label_file(tmp_path / "labels.csv", COCO_LIKE)
+    assert names == ["a", "b"] and labels.tolist() == [[False, True, False, True], [False, False, True, False]]
+
+
+def test_old_space_separated_cells_still_work(tmp_path):
+    (tmp_path / "labels.csv").write_text("a.jpg,person dog\nb.jpg,1 4\n")
+    assert read_label_file(tmp_path / "labels.csv", COCO_LIKE)[1].tolist() == [[True, False, False, True]] * 2
+    (tmp_path / "bad.csv").write_text("a.jpg,dog traffic light\n")  # unquoted among others: named, with the fix
+    with pytest.raises(LabelFileError, match=r"unknown class\(es\) traffic, light .*a name with spaces \('traffic "
+                       r"light'\) is a cell of its own or in double quotes"):
+        read_label_file(tmp_path / "bad.csv", COCO_LIKE)
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", ","], ids=["semicolon", "tab", "comma"])
+@pytest.mark.parametrize("bom", [False, True], ids=["plain", "bom"])
+def test_delimiter_and_byte_order_mark(tmp_path, delimiter, bom):
+    """A spreadsheet's export: ';' (European locales) or tabs, often with a UTF-8 byte-order mark before the header."""
+    text = "\n".join(delimiter.join(r) for r in [["image", "classes"], ["a.jpg", "traffic light", "dog"],
+                                                  ["b.jpg", "hot dog"]]) + "\n"
+    (tmp_path / "labels.csv").write_bytes(("\ufeff" if bom else "").encode() + text.encode())
+    names, labels, _ = read_label_file(tmp_path / "labels.csv", COCO_LIKE)
+    assert names == ["a", "b"] and labels.sum() == 3
+    (tmp_path / "bad.csv").write_text(text.replace("hot dog", "hot dgo"))
+    shown = "tab" if delimiter == "\t" else repr(delimiter)
+    with pytest.raises(LabelFileError, match=f"1 bad row\\(s\\) \\(read as {shown}-separated\\)"):
+        read_label_file(tmp_path / "bad.csv", COCO_LIKE)
+
+
 def test_bad_npy_files(tmp_path):
     np.save(tmp_path / "list.npy", np.zeros(3))
     with pytest.raises(LabelFileError, match="not a dict"):
