@@ -161,6 +161,21 @@ def test_a_typo_does_not_hide_the_range_errors_of_the_same_command_line(tmp_path
         load_config(own, ["cam.high_thresh=2"])
 
 
+def test_num_classes_other_than_the_roots_class_names_fails_at_start(tiny_config, synthetic_root, tmp_path, capsys):
+    """data.num_classes=30 on the 7-class synthetic root (its classes.txt names 7) trained 23 phantom classes."""
+    from fastwsss.config import to_yaml
+
+    (tmp_path / "cfg.yaml").write_text(to_yaml(tiny_config("data.num_classes=30", *QUICK)))
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--config", str(tmp_path / "cfg.yaml")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.strip().splitlines()[-1] == (f"error: data.num_classes=30 but {synthetic_root}/classes.txt names 7 "
+                                            "classes (background included): set data.num_classes=7, or "
+                                            "data.class_names to a file of the classes to train")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_edited_masks_give_new_labels(tmp_path):
     from fastwsss.data.synthetic import generate_dataset
 
