@@ -216,6 +216,25 @@ def test_an_unreadable_folder_is_reported(tmp_path, monkeypatch):
         list_images(tmp_path)
 
 
+def test_a_broken_symbolic_link_in_an_infer_folder_is_reported(tiny_config, tmp_path, caplog):
+    from fastwsss.inference import export
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (48, 48)).save(images / "a.png")
+    (images / "gone.jpg").symlink_to(tmp_path / "moved" / "gone.jpg")
+    items = list_images(images)
+    assert [it.name for it in items] == ["a", "gone"]
+    assert "1 image(s) under" in caplog.text and "gone.jpg -> " in caplog.text
+    train(tiny_config(*QUICK, "train.stop_at=2"))
+    model, cfg, _ = load_model(tmp_path / "run")
+    cfg.infer.num_workers = 0
+    summary = export.run(cfg, model, items, tmp_path / "out", device=torch.device("cpu"))
+    assert (summary["done"], summary["failed"]) == (1, 1)
+    assert summary["failures"][0]["error"] == (f"{images / 'gone.jpg'} is a broken symbolic link (to "
+                                               f"{tmp_path / 'moved' / 'gone.jpg'})")
+
+
 # ---- work lost
 
 
