@@ -69,9 +69,14 @@ def test_a_folder_of_photographs_with_a_csv(tiny_config, synthetic_root, tmp_pat
     assert s["done"] == len(train_items.names)
     out = evaluate_main(["--checkpoint", str(run), "--modes", "cam", "--split", "val"])
     assert out["num_images"] == len(val_items.names) and 0 <= out["cam"]["miou"] <= 1
-    with pytest.raises(SystemExit):  # the train split has no masks: nothing to evaluate against, said so
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the train split has no masks: nothing to evaluate against, said so in one line
         evaluate_main(["--checkpoint", str(run), "--modes", "cam", "--split", "train"])
-    assert "mask" in capsys.readouterr().err
+    printed = capsys.readouterr().err
+    assert "evaluate:" not in printed  # found before the loader (and its progress bar) started
+    err = printed[printed.index("error: "):]
+    assert err.startswith("error: split 'train' cannot be evaluated: ") and len(err.strip().splitlines()) == 1, err
+    assert f"images have no mask, e.g. {photos / 'masks'}/train/" in err and "data.masks" in err
 
 
 def test_voc_layout_with_the_reference_onehot_npy(tiny_config, synthetic_root, tmp_path):

@@ -265,6 +265,11 @@ class EvalDataset(Dataset):
     def __init__(self, items: SegmentationList, max_images: int = 0):
         self.items = items
         self.size = len(items.names) if max_images <= 0 else min(max_images, len(items.names))
+        missing = [n for n in items.names[:self.size] if not items.mask_path(n).is_file()]
+        if missing:  # found now, not in a loader worker
+            where = " (data.masks: a folder of <name>.png)" if items.layout == "folder" else ""
+            raise DataError(f"split {items.split!r} cannot be evaluated: {len(missing)} of its {self.size} images have "
+                            f"no mask, e.g. {items.mask_path(missing[0])}{where}")
 
     def __len__(self) -> int:
         return self.size
