@@ -438,10 +438,12 @@ def _layer_errors(schema, layer, source: str) -> tuple[list[str], object]:
     return errors, clean
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                allow_missing: bool = False) -> Config:
     """Schema defaults <- YAML file or packaged config name (differences only; ``base: other.yaml`` layers it on
     another) <- overrides. Every unknown key, wrong type and invalid value is reported at once, each with the file
-    (or the command line) it came from."""
+    (or the command line) it came from. ``allow_missing``: a mandatory value (``???``) that nothing set is no error
+    and reads ``"???"`` in the config returned (what ``--print-config`` shows); such a config is never run."""
     schema = OmegaConf.structured(Config)
     layers = []
     if path is not None:
@@ -464,13 +466,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     missing = sorted({key for i, (layer, _) in enumerate(layers) for key in OmegaConf.missing_keys(layer)
                       if not any(OmegaConf.select(later, key, default=None) is not None
                                  and not OmegaConf.is_missing(later, key) for later, _ in layers[i + 1:])})
-    if missing:
+    if missing and not allow_missing:
         raise ConfigError("\n".join(_missing_message(merged, key) for key in missing))
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:  # what the per-key checks cannot see (e.g. an interpolation)
         raise ConfigError(f"bad config: {err}") from None
-    return validate(cfg)
+    cfg = validate(cfg)
+    for key in missing:  # allow_missing: shown as unset (the merge kept the default in its place)
+        *parents, name = key.split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, name, "???")
+    return cfg
 
 
 def _missing_message(cfg, key: str) -> str:

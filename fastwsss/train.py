@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             path, overrides = run_dir / "config.yaml", ["train.stop_at=null", *overrides]
         else:
             path = DEFAULT_CONFIG
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides, allow_missing=args.print_config)  # printed before any file or weight is needed
     if args.print_config:
         print(to_yaml(cfg), end="")
         return
