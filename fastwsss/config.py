@@ -195,6 +195,7 @@ class RunConfig:
     dir: str | None = None  # default runs/<name>/<timestamp>
     resume: str | None = None  # a run directory or a checkpoint file to continue from
     tensorboard: bool = False  # also log the metrics.jsonl values to <run dir>/tensorboard (needs tensorboard)
+    allow_changes: bool = False  # resume with settings changed that change what the run computes (resume_changes)
 
 
 @dataclass
@@ -480,6 +481,72 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             node = getattr(node, part)
         setattr(node, name, "???")
     return cfg
+
+
+# What may change when a run resumes (keys, or whole sections): how the run is watched, evaluated, saved and stopped,
+# where it runs and reads from; nothing that changes what a step computes. resume_changes explains each.
+RESUME_ALLOWED = (
+    "name", "run", "eval", "infer",
+    "train.log_interval", "train.eval_interval", "train.ckpt_interval", "train.stop_at", "train.device",
+    "data.num_workers", "data.root", "data.val_split", "data.eval_split", "data.val_labels", "data.masks",
+    "kernels.backend",
+)
+
+
+def _leaf_values(node, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value of every leaf of a config tree: dataclass fields and dict entries are walked, so sections
+    added later (a method's own, registered at run time) are covered without being listed; tuples read as lists."""
+    if is_dataclass(node) and not isinstance(node, type):
+        children = {f.name: getattr(node, f.name) for f in fields(node)}
+    elif isinstance(node, dict):
+        children = node
+    else:
+        return {prefix[:-1]: list(node) if isinstance(node, tuple) else node}
+    out: dict[str, object] = {}
+    for name, value in children.items():
+        out.update(_leaf_values(value, f"{prefix}{name}."))
+    return out
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def resume_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
+    """The settings a resume changes, as ``"key: old -> new"``: (allowed, refused), comparing the run's saved config
+    with the command's, every leaf of the tree (``dataclasses.fields`` recursively, so new sections count at once).
+
+    Allowed (RESUME_ALLOWED): what watches, evaluates, saves, stops and places the run —
+    ``train.log_interval``, ``run.tensorboard`` and the rest of ``run.*`` (its paths), ``train.eval_interval``,
+    ``eval.*``, ``data.val_split`` / ``data.eval_split`` / ``data.val_labels`` / ``data.masks`` (what is evaluated),
+    ``infer.*`` (inference after training), ``train.ckpt_interval``, ``train.stop_at``, ``train.device`` (the same
+    maths elsewhere), ``data.num_workers`` (the samples are functions of their position, not of the workers),
+    ``data.root`` (the same data moved), ``name``, and ``kernels.backend``: the Triton and PyTorch paths compute the
+    same function (parity-tested), so the choice changes speed, not the maths, although results then differ in float
+    rounding, as they do between devices.
+
+    Refused: everything else — ``train.method``, ``model.*`` (``model.pretrained`` too: the run's config records
+    what it started from, and the checkpoint holds every weight), ``optim.*``, ``loss.*``, ``cam.*``, ``contrast.*``,
+    ``quirks.*``, method sections, the rest of ``data.*`` (labels, augmentation, crop, classes), ``train.max_iters``
+    (the schedule), ``train.batch_size``, ``train.grad_accum``, ``train.seed`` and ``train.precision`` (bf16 / fp16
+    change the maths) — unless ``new.run.allow_changes`` is true: then every change is allowed, the refused ones
+    marked ``(run.allow_changes)``.
+    """
+    old, now = _leaf_values(saved), _leaf_values(new)
+    allowed: list[str] = []
+    refused: list[str] = []
+    for key in [*old, *(k for k in now if k not in old)]:
+        a, b = old.get(key, "<unset>"), now.get(key, "<unset>")
+        if a == b:
+            continue
+        line = f"{key}: {_show(a)} -> {_show(b)}"
+        if any(key == p or key.startswith(f"{p}.") for p in RESUME_ALLOWED):
+            allowed.append(line)
+        elif new.run.allow_changes:
+            allowed.append(f"{line} (run.allow_changes)")
+        else:
+            refused.append(line)
+    return allowed, refused
 
 
 def _missing_message(cfg, key: str) -> str:
