@@ -227,7 +227,8 @@ def _range(errors: list[str], key: str, value: float, lo: float | None = None, h
            lo_open: bool = False, what: str = "") -> None:
     """Append an error unless lo <= value <= hi (lo < value with ``lo_open``); NaN and +-inf are errors too (every
     comparison with NaN is false, so a NaN would pass any bound)."""
-    bad = not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    bad = (not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo))
+           or (hi is not None and value > hi))
     if bad:
         bounds = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in {'(' if lo_open else '['}{lo}, {hi}]"
         errors.append(f"{key}={value!r} must be {what or bounds}{'' if math.isfinite(value) else ' (a finite number)'}")
@@ -332,7 +333,7 @@ def _validation_errors(cfg: Config) -> list[str]:
         errors.append(f"contrast.num_local={cfg.contrast.num_local} must be >= 1 with train.method="
                       f"{cfg.train.method} (its contrast term needs local views)")
     m = cfg.model
-    if m.embed_dim is not None and m.embed_dim < 1 or m.num_heads is not None and m.num_heads < 1:
+    if (m.embed_dim is not None and m.embed_dim < 1) or (m.num_heads is not None and m.num_heads < 1):
         errors.append(f"model.embed_dim={m.embed_dim} and model.num_heads={m.num_heads} must be positive (or null: "
                       "the timm architecture's own)")
     elif m.embed_dim is not None and m.num_heads is not None and m.embed_dim % m.num_heads:

@@ -56,8 +56,9 @@ def test_a_run_stopped_by_non_finite_steps_is_one_line(tiny_config, tmp_path, ca
     """The command's view of the run above: one line naming the steps and the last good checkpoint, exit status 1."""
     from fastwsss.config import to_yaml
 
-    (tmp_path / "cfg.yaml").write_text(to_yaml(tiny_config("optim.lr=1e6", "train.max_iters=40", "train.ckpt_interval=1",
-                                                           "train.eval_interval=100", "kernels.backend=torch")))
+    cfg = tiny_config("optim.lr=1e6", "train.max_iters=40", "train.ckpt_interval=1", "train.eval_interval=100",
+                      "kernels.backend=torch")
+    (tmp_path / "cfg.yaml").write_text(to_yaml(cfg))
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--config", str(tmp_path / "cfg.yaml")])
     err = capsys.readouterr().err
@@ -426,7 +427,8 @@ def test_model_device_and_weights_mistakes_are_one_line_at_start(tiny_config, tm
     missing = tmp_path / "no_data"
     line = _one_line_error(["--config", str(tmp_path / "cfg.yaml"), "data.dataset=voc", f"data.root={missing}",
                             override.format(tmp=tmp_path)], capsys)
-    assert expected.format(tmp=tmp_path) in line and ("\n" not in line or line.startswith("error: invalid config:\n")), line
+    assert expected.format(tmp=tmp_path) in line, line
+    assert "\n" not in line or line.startswith("error: invalid config:\n"), line
     assert not (tmp_path / "run").exists()
 
 
@@ -555,7 +557,8 @@ def test_a_full_disk_is_one_line_from_train_and_infer(tiny_config, tmp_path, mon
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
-    assert line.startswith(f"error: cannot write {tmp_path / 'out' / 'masks' / 'a.png'}: no space left on device ("), line
+    mask = tmp_path / "out" / "masks" / "a.png"
+    assert line.startswith(f"error: cannot write {mask}: no space left on device ("), line
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])

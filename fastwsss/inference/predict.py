@@ -80,9 +80,8 @@ def check_model(model: ModelConfig) -> None:
     timm knows the backbone and builds it with these sizes (on the meta device: no memory, no download), and
     ``model.pretrained`` names a readable weights file, not a training checkpoint, whose tensors fit the backbone
     (their names and shapes, read without their data)."""
-    with torch.device("meta"):
-        vit = create_vit(model.backbone, img_size=model.img_size, patch_size=model.patch_size,
-                         embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads)
+    vit = create_vit(model.backbone, img_size=model.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
+                     depth=model.depth, num_heads=model.num_heads, device="meta")
     if model.pretrained in ("", "none", "timm"):
         return
     path = Path(model.pretrained)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +37,15 @@ def create_vit(
     num_heads: int | None = None,
     pretrained_timm: bool = False,
     freeze_pos_embed: bool = True,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """A timm VisionTransformer without its ImageNet head; dropout, attention dropout and drop-path all 0.
 
     An architecture timm does not know, one that is not such a ViT, or sizes timm refuses raise a ConfigError naming
-    the ``model.*`` keys these arguments come from. Cheap to check without memory: build it under
-    ``torch.device("meta")``."""
+    the ``model.*`` keys these arguments come from. ``device="meta"`` checks all that without memory (parameters
+    without data)."""
     ensure_torchvision()
-    import timm
+    import timm  # imported before any device context: its module-level tensors stay ordinary ones
 
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch.split(".")[0], timm.list_models(), n=3)
@@ -52,10 +54,11 @@ def create_vit(
     sizes = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
     kwargs = {k: v for k, v in sizes.items() if v is not None}
     try:
-        vit = timm.create_model(
-            arch, pretrained=pretrained_timm, num_classes=0, img_size=img_size,
-            drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, **kwargs,
-        )
+        with torch.device(device) if device is not None else nullcontext():
+            vit = timm.create_model(
+                arch, pretrained=pretrained_timm, num_classes=0, img_size=img_size,
+                drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, **kwargs,
+            )
     except (TypeError, AssertionError, ValueError) as err:  # unknown keyword (not a ViT), sizes timm refuses
         given = ", ".join(f"model.{k}={v}" for k, v in {"img_size": img_size, **kwargs}.items())
         raise ConfigError(f"timm cannot build model.backbone={arch!r} with {given}: {err} (fastwsss needs a "
@@ -192,7 +195,7 @@ def load_pretrained(vit: nn.Module, path: str | Path, strict: bool = True) -> Lo
     report.missing = sorted(k for k in own if k not in to_load)
     if report.missing and strict:
         raise CheckpointError(f"{report}\nrefusing to train from a partially loaded backbone "
-                         "(model.pretrained_strict=false to continue anyway)")
+                              "(model.pretrained_strict=false to continue anyway)")
     if check:
         return report
     vit.load_state_dict(to_load, strict=False)
