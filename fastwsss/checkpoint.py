@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import pickletools
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .files import atomic_write
+from .files import WriteError, atomic_write
 
 FORMAT_VERSION = 1
+CHECKPOINT_KEYS = ("format_version", "iteration", "model", "config")  # what makes a file a checkpoint of ours
 
 # Parameters of earlier model layouts that the current one no longer has, and why. A checkpoint holding one cannot be
 # loaded: dropping a trained parameter would silently change what the network computes.
@@ -41,9 +44,48 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_GOOD: dict[str, int] = {}  # checkpoint file -> the iteration this process last saved there or loaded from it
+
+
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    return atomic_write(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp), fsync=True)
+    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file. A failed
+    write (a full disk) is a :class:`WriteError` saying so, and which iteration the intact file holds where this
+    process saved or loaded it."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp), fsync=True)
+    except WriteError as err:
+        good = _GOOD.get(str(path.resolve())) if path.is_file() else None
+        kept = (f"the last good checkpoint, iteration {good}, is intact in {path}" if good is not None else
+                f"{path} as it was before is intact" if path.is_file() else "no checkpoint was saved before")
+        raise WriteError(f"cannot save the checkpoint of iteration {state.get('iteration')} to {path}: {err.reason}; "
+                         f"{kept}", err.reason, path) from err
+    _GOOD[str(path.resolve())] = state.get("iteration")
+    return path
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint :func:`save_checkpoint` wrote (a torch zip file whose pickle holds its keys),
+    told from the pickle's opcodes without unpickling anything (nothing in the file runs)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+            if name is None:
+                return False
+            names = {arg for _, arg, _ in pickletools.genops(z.read(name)) if isinstance(arg, str)}
+    except Exception:  # noqa: BLE001 - not a zip file, or not a pickle: not a checkpoint of ours
+        return False
+    return set(CHECKPOINT_KEYS) <= names
+
+
+def training_checkpoint_message(path: str | Path) -> str:
+    """What to do with a training checkpoint given where backbone weights are expected (``model.pretrained``)."""
+    run = Path(path).parent.parent if Path(path).parent.name == "checkpoints" else Path(path)
+    export = (f"python -c \"import torch; m = torch.load('{path}', weights_only=False)['model']; torch.save({{k[9:]: v "
+              "for k, v in m.items() if k.startswith('backbone.')}, 'backbone.pth')\"")
+    return (f"model.pretrained={path} is a fastwsss training checkpoint, not backbone weights: continue that run with "
+            f"run.resume={run}, predict with python -m fastwsss.infer --checkpoint {path}, or export its backbone "
+            f"for a new run with {export} and set model.pretrained=backbone.pth")
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -58,10 +100,11 @@ def load_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
-    missing = [k for k in ("format_version", "iteration", "model", "config") if k not in state]
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a fastwsss checkpoint (missing {', '.join(missing)})")
     state["path"] = str(path)
+    _GOOD[str(path.resolve())] = state["iteration"]
     return state
 
 

@@ -9,7 +9,9 @@ before anything runs.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, fields, make_dataclass
+import math
+import re
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -197,6 +199,7 @@ class RunConfig:
     dir: str | None = None  # default runs/<name>/<timestamp>
     resume: str | None = None  # a run directory or a checkpoint file to continue from
     tensorboard: bool = False  # also log the metrics.jsonl values to <run dir>/tensorboard (needs tensorboard)
+    allow_changes: bool = False  # resume with settings changed that change what the run computes (resume_changes)
 
 
 @dataclass
@@ -258,15 +261,38 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> list[str]:
 
 def check_range(errors: list[str], key: str, value: float, lo: float | None = None, hi: float | None = None, *,
                 lo_open: bool = False, what: str = "") -> None:
-    """Append an error unless lo <= value <= hi (lo < value with ``lo_open``)."""
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    """Append an error unless lo <= value <= hi (lo < value with ``lo_open``); NaN and +-inf are errors too (every
+    comparison with NaN is false, so a NaN would pass any bound)."""
+    bad = (not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo))
+           or (hi is not None and value > hi))
     if bad:
         bounds = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in {'(' if lo_open else '['}{lo}, {hi}]"
-        errors.append(f"{key}={value!r} must be {what or bounds}")
+        errors.append(f"{key}={value!r} must be {what or bounds}{'' if math.isfinite(value) else ' (a finite number)'}")
+
+
+def _non_finite(node, prefix: str = "") -> list[str]:
+    """The dotted keys of every float (or float in a tuple) of the config tree that is NaN or +-inf. No setting means
+    anything as NaN or infinity; walking the dataclass fields covers sections added later without listing them."""
+    keys = []
+    for f in fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            keys += _non_finite(value, f"{key}.")
+        elif any(isinstance(v, float) and not math.isfinite(v)
+                 for v in (value if isinstance(value, (tuple, list)) else (value,))):
+            keys.append(key)
+    return keys
 
 
 def validate(cfg: Config) -> Config:
     """Check what types alone cannot, before anything runs; every problem is reported at once."""
+    errors = _validation_errors(cfg)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _validation_errors(cfg: Config) -> list[str]:
     errors = _choice("data.dataset", cfg.data.dataset, DATASETS)
     errors += (_choice("train.method", cfg.train.method, registered_methods()) if _METHOD_SECTIONS else
                ["no method is registered: import fastwsss.methods before loading a config"])
@@ -277,8 +303,8 @@ def validate(cfg: Config) -> Config:
     for key in ("infer.scales", "cam.scales"):
         section, name = key.split(".")
         scales = list(getattr(getattr(cfg, section), name))
-        if not scales or min(scales) <= 0:
-            errors.append(f"{key}={scales} must be one or more positive scales")
+        if not scales or not all(0 < s < math.inf for s in scales):
+            errors.append(f"{key}={scales} must be one or more positive (finite) scales")
     if cfg.data.dataset == "folder" and not cfg.data.labels:
         errors.append("data.dataset=folder reads its images and labels from data.labels (a CSV or .npy): set it")
     for key in ("train_split", "val_split", "eval_split"):
@@ -289,8 +315,8 @@ def validate(cfg: Config) -> Config:
     if cfg.data.num_classes < 2:
         errors.append(f"data.num_classes={cfg.data.num_classes} must count background plus at least one class")
     lo, hi = cfg.data.rescale_range
-    if not 0 < lo <= hi:
-        errors.append(f"data.rescale_range={[lo, hi]} must satisfy 0 < low <= high")
+    if not 0 < lo <= hi < math.inf:
+        errors.append(f"data.rescale_range={[lo, hi]} must satisfy 0 < low <= high (finite)")
     for key in ("train.max_iters", "train.batch_size", "train.grad_accum", "train.log_interval", "train.eval_interval",
                 "train.ckpt_interval", "data.crop_size", "eval.batch_size", "cam.par_num_iter",
                 "contrast.proj_dim", "contrast.proj_hidden", "contrast.proj_bottleneck", "infer.coco_size", "infer.crf_batch_size", "infer.crf_iterations",
@@ -316,15 +342,21 @@ def validate(cfg: Config) -> Config:
     c, o = cfg.cam, cfg.optim
     for key, value in (("cam.high_thresh", c.high_thresh), ("cam.low_thresh", c.low_thresh),
                        ("cam.bkg_thresh", c.bkg_thresh), ("contrast.neg_thresh", cfg.contrast.neg_thresh),
-                       ("contrast.ema_momentum", cfg.contrast.ema_momentum), ("optim.warmup_ratio", o.warmup_ratio)):
+                       ("contrast.ema_momentum", cfg.contrast.ema_momentum), ("optim.warmup_ratio", o.warmup_ratio),
+                       ("data.color_jitter_p", cfg.data.color_jitter_p), ("data.grayscale_p", cfg.data.grayscale_p),
+                       ("data.blur_p", cfg.data.blur_p)):
         check_range(errors, key, value, 0.0, 1.0)
     if c.low_thresh > c.high_thresh:
         errors.append(f"cam.low_thresh={c.low_thresh} must be <= cam.high_thresh={c.high_thresh}")
     for key, value in (("optim.lr", o.lr), ("optim.head_lr_mult", o.head_lr_mult), ("optim.eps", o.eps),
                        ("loss.temperature", cfg.loss.temperature), ("loss.reg_sigma_rgb", cfg.loss.reg_sigma_rgb),
-                       ("loss.reg_sigma_xy", cfg.loss.reg_sigma_xy), ("loss.reg_scale", cfg.loss.reg_scale)):
+                       ("loss.reg_sigma_xy", cfg.loss.reg_sigma_xy), ("loss.reg_scale", cfg.loss.reg_scale),
+                       ("infer.crf_gauss_sxy", cfg.infer.crf_gauss_sxy), ("infer.crf_bi_sxy", cfg.infer.crf_bi_sxy),
+                       ("infer.crf_bi_srgb", cfg.infer.crf_bi_srgb)):
         check_range(errors, key, value, 0.0, lo_open=True)
-    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.power", o.power)):
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.power", o.power),
+                       ("infer.crf_gauss_compat", cfg.infer.crf_gauss_compat),
+                       ("infer.crf_bi_compat", cfg.infer.crf_bi_compat)):
         check_range(errors, key, value, 0.0)
     for i, beta in enumerate(o.betas):
         if not 0 <= beta < 1:
@@ -334,15 +366,31 @@ def validate(cfg: Config) -> Config:
     section = getattr(cfg, cfg.train.method, None)
     if hasattr(section, "errors"):
         errors += section.errors(cfg)
+    m = cfg.model
+    if (m.embed_dim is not None and m.embed_dim < 1) or (m.num_heads is not None and m.num_heads < 1):
+        errors.append(f"model.embed_dim={m.embed_dim} and model.num_heads={m.num_heads} must be positive (or null: "
+                      "the timm architecture's own)")
+    elif m.embed_dim is not None and m.num_heads is not None and m.embed_dim % m.num_heads:
+        errors.append(f"model.embed_dim={m.embed_dim} must be a multiple of model.num_heads={m.num_heads} (each head "
+                      "gets embed_dim / num_heads channels)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device):
+        errors.append(f"train.device={cfg.train.device!r} is not one of auto, cpu, cuda, cuda:N")
     depth = cfg.model.depth
     if depth is not None and depth < 1:
         errors.append(f"model.depth={depth} must be positive")
     elif depth is not None and not -depth <= cfg.model.aux_layer < depth:
         errors.append(f"model.aux_layer={cfg.model.aux_layer} must name one of the {depth} blocks "
                       f"({-depth}..{depth - 1})")
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    return cfg
+    for key in _non_finite(cfg):  # what no range check above named
+        if not any(e.startswith((f"{key}=", f"{key}[")) for e in errors):
+            errors.append(f"{key}={_get(cfg, key)!r} must be a finite number")
+    return errors
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return list(cfg) if isinstance(cfg, tuple) else cfg
 
 
 def packaged_configs() -> dict[str, Path]:
@@ -409,9 +457,10 @@ def _leaves(node, prefix: str = "") -> list[tuple[str, object]]:
     return [(prefix[:-1], node)]
 
 
-def _layer_errors(schema, layer, source: str) -> list[str]:
-    """Every unknown key and every value of the wrong type in one layer, each with the layer's source."""
-    errors = []
+def _layer_errors(schema, layer, source: str) -> tuple[list[str], object]:
+    """Every unknown key and every value of the wrong type in one layer, each with the layer's source; and the layer
+    without them (so that the values' own checks can still run and be reported with them)."""
+    errors, clean = [], OmegaConf.create()
     for key, node in _leaves(layer):
         single = OmegaConf.create()
         OmegaConf.update(single, key, node, force_add=True)
@@ -420,13 +469,17 @@ def _layer_errors(schema, layer, source: str) -> list[str]:
         except OmegaConfBaseException as err:
             msg = str(err).split("\n")[0]
             errors.append(f"{key}: {msg} ({source})")
-    return errors
+        else:
+            OmegaConf.update(clean, key, node, force_add=True)
+    return errors, clean
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                allow_missing: bool = False) -> Config:
     """Schema defaults <- YAML file or packaged config name (differences only; ``base: other.yaml`` layers it on
     another) <- overrides. Every unknown key, wrong type and invalid value is reported at once, each with the file
-    (or the command line) it came from."""
+    (or the command line) it came from. ``allow_missing``: a mandatory value (``???``) that nothing set is no error
+    and reads ``"???"`` in the config returned (what ``--print-config`` shows); such a config is never run."""
     structured = OmegaConf.structured(schema())
     layers = []
     if path is not None:
@@ -436,21 +489,99 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if bad:
         raise ConfigError(f"overrides must be key=value, got: {' '.join(bad)}")
     layers.append((OmegaConf.from_dotlist(list(overrides)), "command line"))
-    errors = [e for layer, source in layers for e in _layer_errors(structured, layer, source)]
-    if errors:
+    checked = [_layer_errors(structured, layer, source) for layer, source in layers]
+    errors = [e for layer_errors, _ in checked for e in layer_errors]
+    if errors:  # with the values' own problems, from the layers without the bad keys: one command line, one fix
+        try:
+            errors += _validation_errors(OmegaConf.to_object(OmegaConf.merge(structured, *(c for _, c in checked))))
+        except OmegaConfBaseException:  # e.g. a ??? left unset: reported once the keys are fixed
+            pass
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     merged = OmegaConf.merge(structured, *(layer for layer, _ in layers))
     # a layer's ??? (mandatory) must be set by a later layer: merging ??? would silently keep the default
     missing = sorted({key for i, (layer, _) in enumerate(layers) for key in OmegaConf.missing_keys(layer)
                       if not any(OmegaConf.select(later, key, default=None) is not None
                                  and not OmegaConf.is_missing(later, key) for later, _ in layers[i + 1:])})
-    if missing:
+    if missing and not allow_missing:
         raise ConfigError("\n".join(_missing_message(merged, key) for key in missing))
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:  # what the per-key checks cannot see (e.g. an interpolation)
         raise ConfigError(f"bad config: {err}") from None
-    return validate(cfg)
+    cfg = validate(cfg)
+    for key in missing:  # allow_missing: shown as unset (the merge kept the default in its place)
+        *parents, name = key.split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, name, "???")
+    return cfg
+
+
+# What may change when a run resumes (keys, or whole sections): how the run is watched, evaluated, saved and stopped,
+# where it runs and reads from; nothing that changes what a step computes. resume_changes explains each.
+RESUME_ALLOWED = (
+    "name", "run", "eval", "infer",
+    "train.log_interval", "train.eval_interval", "train.ckpt_interval", "train.stop_at", "train.device",
+    "data.num_workers", "data.root", "data.val_split", "data.eval_split", "data.val_labels", "data.masks",
+    "kernels.backend",
+)
+
+
+def _leaf_values(node, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value of every leaf of a config tree: dataclass fields and dict entries are walked, so sections
+    added later (a method's own, registered at run time) are covered without being listed; tuples read as lists."""
+    if is_dataclass(node) and not isinstance(node, type):
+        children = {f.name: getattr(node, f.name) for f in fields(node)}
+    elif isinstance(node, dict):
+        children = node
+    else:
+        return {prefix[:-1]: list(node) if isinstance(node, tuple) else node}
+    out: dict[str, object] = {}
+    for name, value in children.items():
+        out.update(_leaf_values(value, f"{prefix}{name}."))
+    return out
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def resume_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
+    """The settings a resume changes, as ``"key: old -> new"``: (allowed, refused), comparing the run's saved config
+    with the command's, every leaf of the tree (``dataclasses.fields`` recursively, so new sections count at once).
+
+    Allowed (RESUME_ALLOWED): what watches, evaluates, saves, stops and places the run —
+    ``train.log_interval``, ``run.tensorboard`` and the rest of ``run.*`` (its paths), ``train.eval_interval``,
+    ``eval.*``, ``data.val_split`` / ``data.eval_split`` / ``data.val_labels`` / ``data.masks`` (what is evaluated),
+    ``infer.*`` (inference after training), ``train.ckpt_interval``, ``train.stop_at``, ``train.device`` (the same
+    maths elsewhere), ``data.num_workers`` (the samples are functions of their position, not of the workers),
+    ``data.root`` (the same data moved), ``name``, and ``kernels.backend``: the Triton and PyTorch paths compute the
+    same function (parity-tested), so the choice changes speed, not the maths, although results then differ in float
+    rounding, as they do between devices.
+
+    Refused: everything else — ``train.method``, ``model.*`` (``model.pretrained`` too: the run's config records
+    what it started from, and the checkpoint holds every weight), ``optim.*``, ``loss.*``, ``cam.*``, ``contrast.*``,
+    ``quirks.*``, method sections, the rest of ``data.*`` (labels, augmentation, crop, classes), ``train.max_iters``
+    (the schedule), ``train.batch_size``, ``train.grad_accum``, ``train.seed`` and ``train.precision`` (bf16 / fp16
+    change the maths) — unless ``new.run.allow_changes`` is true: then every change is allowed, the refused ones
+    marked ``(run.allow_changes)``.
+    """
+    old, now = _leaf_values(saved), _leaf_values(new)
+    allowed: list[str] = []
+    refused: list[str] = []
+    for key in [*old, *(k for k in now if k not in old)]:
+        a, b = old.get(key, "<unset>"), now.get(key, "<unset>")
+        if a == b:
+            continue
+        line = f"{key}: {_show(a)} -> {_show(b)}"
+        if any(key == p or key.startswith(f"{p}.") for p in RESUME_ALLOWED):
+            allowed.append(line)
+        elif new.run.allow_changes:
+            allowed.append(f"{line} (run.allow_changes)")
+        else:
+            refused.append(line)
+    return allowed, refused
 
 
 def _missing_message(cfg, key: str) -> str:

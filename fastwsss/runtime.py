@@ -11,14 +11,23 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; an explicit ``cuda`` without CUDA is an error."""
+    """``auto``: CUDA when available, else the CPU; an explicit ``cuda`` without CUDA, a CUDA index this machine does
+    not have, or a device torch does not know is a ConfigError naming ``train.device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r} is not one of auto, cpu, cuda, cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available")
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"train.device={name} but CUDA is not available ({why}): use train.device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

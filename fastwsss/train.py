@@ -16,7 +16,7 @@ from pathlib import Path
 from . import version_string
 from .cli import user_errors
 from .config import load_config, packaged_configs_help, to_yaml
-from .inference.predict import check_weights
+from .inference.predict import check_model, check_weights
 from .training import TrainingInterrupted, train
 
 DEFAULT_CONFIG = "demo"  # a packaged config (fastwsss.configs)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             path, overrides = run_dir / "config.yaml", ["train.stop_at=null", *overrides]
         else:
             path = DEFAULT_CONFIG
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides, allow_missing=args.print_config)  # printed before any file or weight is needed
     if args.print_config:
         print(to_yaml(cfg), end="")
         return
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         report = check_weights(cfg.model)
         print(report)
         sys.exit(1 if report.missing else 0)
+    check_model(cfg.model)  # a backbone timm cannot build, weights that cannot be read or do not fit: before the data
     try:
         result = train(cfg)
     except TrainingInterrupted as stopped:

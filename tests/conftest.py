@@ -3,6 +3,7 @@ before triton is imported anywhere, so it is set here, at collection time."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -24,6 +25,21 @@ TINY_OVERRIDES = [
     "optim.lr=1e-3", "optim.warmup_iters=2", "train.batch_size=4", "train.log_interval=2",
     "eval.num_vis=2", "eval.batch_size=3", "cam.scales=[1.0,0.5]",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_fastwsss_logger():
+    """A run started in-process (train's main) gives the ``fastwsss`` logger a console handler on the sys.stderr of its
+    test, which pytest closes afterwards: a later test that logs (the COCO converter's command) would print a logging
+    error into the stderr it checks. Each test gets the logger back as it found it."""
+    logger = logging.getLogger("fastwsss")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    for h in logger.handlers:
+        if h not in handlers:
+            h.close()
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

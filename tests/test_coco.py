@@ -341,6 +341,24 @@ def test_bad_inputs_are_named(tmp_path):
     assert not (tmp_path / "out" / "SegmentationClass").exists(), "nothing is written before the input is checked"
 
 
+def test_image_sizes_are_checked_against_the_json(tmp_path):
+    """An image whose size is not the JSON's width x height (another folder's, or a resized copy) is refused before
+    anything is written, with its size and the JSON's; a missing image is no error (it is counted)."""
+    (paths, _) = write_files(tmp_path, jpegs=tmp_path / "out")
+    train_dir = tmp_path / "out" / "JPEGImages" / "train2014"
+    images = sorted(train_dir.iterdir())
+    Image.new("RGB", (H, W)).save(images[0])  # transposed
+    Image.new("RGB", (W, H + 1)).save(images[1])
+    images[2].unlink()
+    with pytest.raises(CocoError) as err:
+        convert(paths, tmp_path / "out", progress=False)
+    msg = str(err.value)
+    assert "2 image(s) whose size is not the annotation file's" in msg and str(paths[0]) in msg
+    assert f"{images[0]} is {H}x{W}, the JSON says width x height = {W}x{H}" in msg
+    assert f"{images[1]} is {W}x{H + 1}" in msg and images[2].name not in msg
+    assert not (tmp_path / "out" / "SegmentationClass").exists()
+
+
 def test_command_line(tmp_path, capsys):
     paths, _ = write_files(tmp_path)
     main(["--annotations", str(paths[0]), "--annotations", f"val2014={paths[1]}", "--root", str(tmp_path / "c"),

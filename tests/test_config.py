@@ -11,6 +11,7 @@ from fastwsss.config import (
     config_purpose,
     load_config,
     packaged_configs,
+    resume_changes,
     to_yaml,
 )
 
@@ -165,3 +166,69 @@ def test_check_weights_reports_how_a_file_maps_onto_the_backbone(tmp_path):
     assert "MISSING (left at random init): 1: blocks.3.mlp.fc2.bias" in proc.stdout
     assert "UNEXPECTED (ignored): 1: head.weight" in proc.stdout and "resized: 1: pos_embed" in proc.stdout
     assert not (tmp_path / "runs").exists()  # trains nothing
+
+
+# ---- what a resume may change
+
+
+def test_resume_changes_allowed_and_refused():
+    saved = load_config("demo")
+    assert resume_changes(saved, load_config("demo")) == ([], [])
+    allowed, refused = resume_changes(saved, load_config("demo", [
+        "train.log_interval=7", "run.tensorboard=true", "train.eval_interval=9", "eval.max_images=3",
+        "train.ckpt_interval=11", "train.device=cpu", "data.num_workers=1", "infer.scales=[1.0]", "train.stop_at=5",
+        "run.dir=/elsewhere", "kernels.backend=torch", "data.root=/moved"]))
+    assert refused == []
+    assert "train.log_interval: 50 -> 7" in allowed and "run.tensorboard: false -> true" in allowed
+    assert "infer.scales: [1.0, 1.5, 1.25] -> [1.0]" in allowed and "train.stop_at: null -> 5" in allowed
+    assert "kernels.backend: auto -> torch" in allowed and len(allowed) == 12, allowed
+    changes = ["train.method=toco", "optim.lr=0.001", "train.precision=bf16", "model.embed_dim=48",
+               "model.pretrained=w.pth", "contrast.num_local=3", "train.max_iters=100", "train.batch_size=8",
+               "train.seed=1", "train.grad_accum=2", "data.crop_size=64", "quirks.flip_box=true", "loss.w_con=0.1",
+               "cam.high_thresh=0.6", "data.labels=l.csv", "data.synthetic.num_train=5"]
+    allowed, refused = resume_changes(saved, load_config("demo", [*changes, "train.log_interval=7"]))
+    assert allowed == ["train.log_interval: 50 -> 7"]
+    assert [line.split(":", 1)[0] for line in refused] == sorted(
+        (c.split("=", 1)[0] for c in changes), key=list(_leaf_keys(saved)).index)
+    assert "optim.lr: 0.0005 -> 0.001" in refused and "train.precision: auto -> bf16" in refused
+    allowed, refused = resume_changes(saved, load_config("demo", [*changes, "run.allow_changes=true"]))
+    assert refused == [] and "optim.lr: 0.0005 -> 0.001 (run.allow_changes)" in allowed
+    assert "run.allow_changes: false -> true" in allowed
+
+
+def _leaf_keys(cfg):
+    from fastwsss.config import _leaf_values
+
+    return _leaf_values(cfg)
+
+
+def test_resume_changes_cover_every_setting_and_new_sections():
+    """Every leaf, changed alone, is either allowed or refused (never missed); a section added to the tree later (a
+    method's own) is covered without being listed, and refused."""
+    import dataclasses
+
+    saved = Config()
+    for key, value in _leaf_keys(saved).items():
+        new = Config()
+        *path, name = key.split(".")
+        node = new
+        for part in path:
+            node = getattr(node, part)
+        other = (not value if isinstance(value, bool) else value + 1 if isinstance(value, (int, float))
+                 else [*value, value[-1]] if isinstance(value, list) else "changed")
+        setattr(node, name, tuple(other) if isinstance(other, list) else other)
+        allowed, refused = resume_changes(saved, new)
+        assert len(allowed) + len(refused) == 1 and (allowed + refused)[0].startswith(f"{key}: "), key
+
+    @dataclasses.dataclass
+    class NewMethodConfig:
+        crop: int = 96
+
+    @dataclasses.dataclass
+    class WithMethod(Config):
+        newmethod: NewMethodConfig = dataclasses.field(default_factory=NewMethodConfig)
+
+    changed = WithMethod()
+    changed.newmethod.crop = 64
+    assert resume_changes(WithMethod(), changed) == ([], ["newmethod.crop: 96 -> 64"])
+

@@ -69,9 +69,14 @@ def test_a_folder_of_photographs_with_a_csv(tiny_config, synthetic_root, tmp_pat
     assert s["done"] == len(train_items.names)
     out = evaluate_main(["--checkpoint", str(run), "--modes", "cam", "--split", "val"])
     assert out["num_images"] == len(val_items.names) and 0 <= out["cam"]["miou"] <= 1
-    with pytest.raises(SystemExit):  # the train split has no masks: nothing to evaluate against, said so
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the train split has no masks: nothing to evaluate against, said so in one line
         evaluate_main(["--checkpoint", str(run), "--modes", "cam", "--split", "train"])
-    assert "mask" in capsys.readouterr().err
+    printed = capsys.readouterr().err
+    assert "evaluate:" not in printed  # found before the loader (and its progress bar) started
+    err = printed[printed.index("error: "):]
+    assert err.startswith("error: split 'train' cannot be evaluated: ") and len(err.strip().splitlines()) == 1, err
+    assert f"images have no mask, e.g. {photos / 'masks'}/train/" in err and "data.masks" in err
 
 
 def test_voc_layout_with_the_reference_onehot_npy(tiny_config, synthetic_root, tmp_path):
@@ -115,6 +120,45 @@ def test_every_bad_row_is_named_at_once(tmp_path):
                    "line 7: no image in the first column", "line 8: image c.jpg is listed again"):
         assert expect in msg, (expect, msg)
     assert "6 bad row(s)" in msg
+
+
+COCO_LIKE = ["background", "person", "traffic light", "hot dog", "dog"]  # COCO's names, as the converter writes them
+
+
+@pytest.mark.parametrize("rows", [
+    ['a.jpg,traffic light,dog', 'b.jpg,hot dog'],  # one class per cell: a name with spaces as it is
+    ['a.jpg,"traffic light",dog', 'b.jpg,"hot dog"'],  # quoted
+    ['a.jpg,"dog ""traffic light"""', 'b.jpg,"""hot dog"""'],  # several in a cell: the spaced one in quotes
+    ['a.jpg,dog "traffic light"', 'b.jpg,3'],  # a writer that did not quote, and an index
+], ids=["cells", "quoted-cells", "quoted-in-a-cell", "unquoted-in-a-cell"])
+def test_class_names_with_spaces(tmp_path, rows):
+    (tmp_path / "labels.csv").write_text("image,classes\n" + "\n".join(rows) + "\n")
+    names, labels, _ = read_label_file(tmp_path / "labels.csv", COCO_LIKE)
+    assert names == ["a", "b"] and labels.tolist() == [[False, True, False, True], [False, False, True, False]]
+
+
+def test_old_space_separated_cells_still_work(tmp_path):
+    (tmp_path / "labels.csv").write_text("a.jpg,person dog\nb.jpg,1 4\n")
+    assert read_label_file(tmp_path / "labels.csv", COCO_LIKE)[1].tolist() == [[True, False, False, True]] * 2
+    (tmp_path / "bad.csv").write_text("a.jpg,dog traffic light\n")  # unquoted among others: named, with the fix
+    with pytest.raises(LabelFileError, match=r"unknown class\(es\) traffic, light .*a name with spaces \('traffic "
+                       r"light'\) is a cell of its own or in double quotes"):
+        read_label_file(tmp_path / "bad.csv", COCO_LIKE)
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", ","], ids=["semicolon", "tab", "comma"])
+@pytest.mark.parametrize("bom", [False, True], ids=["plain", "bom"])
+def test_delimiter_and_byte_order_mark(tmp_path, delimiter, bom):
+    """A spreadsheet's export: ';' (European locales) or tabs, often with a UTF-8 byte-order mark before the header."""
+    text = "\n".join(delimiter.join(r) for r in [["image", "classes"], ["a.jpg", "traffic light", "dog"],
+                                                  ["b.jpg", "hot dog"]]) + "\n"
+    (tmp_path / "labels.csv").write_bytes(("\ufeff" if bom else "").encode() + text.encode())
+    names, labels, _ = read_label_file(tmp_path / "labels.csv", COCO_LIKE)
+    assert names == ["a", "b"] and labels.sum() == 3
+    (tmp_path / "bad.csv").write_text(text.replace("hot dog", "hot dgo"))
+    shown = "tab" if delimiter == "\t" else repr(delimiter)
+    with pytest.raises(LabelFileError, match=f"1 bad row\\(s\\) \\(read as {shown}-separated\\)"):
+        read_label_file(tmp_path / "bad.csv", COCO_LIKE)
 
 
 def test_bad_npy_files(tmp_path):

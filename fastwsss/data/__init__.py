@@ -54,14 +54,18 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 
 def class_names(cfg: DataConfig) -> list[str]:
     """[background, ...]: from ``data.class_names`` when set, else ``<root>/classes.txt`` when present (synthetic,
-    converted COCO, your own data), VOC's for 21 classes, else ``class_<i>``."""
+    converted COCO, your own data), VOC's for 21 classes, else ``class_<i>``. A names file that counts other classes
+    than ``data.num_classes`` is an error: the model would train phantom classes, or miss some."""
     if cfg.class_names:
         return read_class_names(cfg.class_names, cfg.num_classes)
     path = Path(cfg.root) / "classes.txt"
     if path.is_file():
         names = read_class_names(path)
-        if len(names) == cfg.num_classes:
-            return names
+        if len(names) != cfg.num_classes:
+            raise LabelFileError(f"data.num_classes={cfg.num_classes} but {path} names {len(names)} classes "
+                                 f"(background included): set data.num_classes={len(names)}, or data.class_names to "
+                                 "a file of the classes to train")
+        return names
     if cfg.num_classes == len(VOC_CLASSES):
         return list(VOC_CLASSES)
     return ["background"] + [f"class_{i}" for i in range(1, cfg.num_classes)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
+from ..files import atomic_write
 from .labels import read_label_file
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
@@ -201,12 +201,13 @@ class SegmentationList:
                 raise DataError(f"mask {path} holds class values {bad.tolist()} >= data.num_classes="
                                 f"{self.num_classes} (only 0..{self.num_classes - 1} and {IGNORE_INDEX} allowed)")
             counts[i] = hist[: self.num_classes]
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary's name
+                np.save(f, counts)
+
         for d in candidates:  # first writable location wins; atomic so a killed scan never leaves half a file
             try:
-                d.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=d, suffix=".tmp", delete=False) as f:
-                    np.save(f, counts)
-                os.replace(f.name, d / file_name)
+                atomic_write(d / file_name, save)  # readable by whoever may read the root (the umask's mode)
                 break
             except OSError:
                 continue
@@ -240,6 +241,11 @@ class EvalDataset(Dataset):
     def __init__(self, items: SegmentationList, max_images: int = 0):
         self.items = items
         self.size = len(items.names) if max_images <= 0 else min(max_images, len(items.names))
+        missing = [n for n in items.names[:self.size] if not items.mask_path(n).is_file()]
+        if missing:  # found now, not in a loader worker
+            where = " (data.masks: a folder of <name>.png)" if items.layout == "folder" else ""
+            raise DataError(f"split {items.split!r} cannot be evaluated: {len(missing)} of its {self.size} images have "
+                            f"no mask, e.g. {items.mask_path(missing[0])}{where}")
 
     def __len__(self) -> int:
         return self.size

@@ -51,7 +51,13 @@ def list_images(source: str | Path) -> list[ImageItem]:
         if unreadable:
             raise DataError(f"{len(unreadable)} folder(s) under {source} cannot be read, so their images would be "
                             f"left out: {'; '.join(unreadable[:5])}")
-        items = [ImageItem(p.relative_to(source).with_suffix("").as_posix(), p) for p in paths if p.is_file()]
+        # a broken symbolic link is listed (it fails as an unreadable image does, named in the summary), not dropped
+        broken = [p for p in paths if p.is_symlink() and not p.exists()]
+        if broken:
+            log.warning("%d image(s) under %s are broken symbolic links (reported as failed): %s", len(broken),
+                        source, ", ".join(f"{p} -> {os.readlink(p)}" for p in broken[:5]))
+        items = [ImageItem(p.relative_to(source).with_suffix("").as_posix(), p) for p in paths
+                 if p.is_file() or p in broken]
     elif source.is_file():
         lines = [ln.split("#", 1)[0].strip() for ln in source.read_text().splitlines()]
         paths = [Path(ln) if Path(ln).is_absolute() else source.parent / ln for ln in lines if ln]
@@ -87,8 +93,11 @@ class ImageFiles(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
+        path = self.items[index].path
+        if path.is_symlink() and not path.exists():
+            return {"index": index, "error": f"{path} is a broken symbolic link (to {os.readlink(path)})"}
         try:
-            raw = np.array(read_image(self.items[index].path), dtype=np.uint8)
+            raw = np.array(read_image(path), dtype=np.uint8)
         except Exception as err:  # noqa: BLE001 -- PIL raises many types on bad files; reported, the rest go on
             return {"index": index, "error": str(err) if isinstance(err, DataError) else
                     f"cannot read image {self.items[index].path}: {type(err).__name__}: {err}"}

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_checkpoint, load_weights
+from ..checkpoint import CheckpointError, load_checkpoint, load_weights
 from ..config import Config, ConfigError, InferConfig, ModelConfig, load_config
 from ..methods import build_method
 from ..models import LoadReport, WSSSNet, create_vit, load_pretrained
@@ -66,6 +66,26 @@ def multiscale_seg_logits(model: torch.nn.Module, x: torch.Tensor, *, scales: Se
         pair = _fuse(seg[:B], seg[B:].flip(-1), rule.flip)
         fused = pair if fused is None else _fuse(fused, pair, rule.scales)
     return fused
+
+
+def check_model(model: ModelConfig) -> None:
+    """What building the network ``model.*`` needs, checked at start without building it or reading the weights:
+    timm knows the backbone and builds it with these sizes (on the meta device: no memory, no download), and
+    ``model.pretrained`` names a readable weights file, not a training checkpoint, whose tensors fit the backbone
+    (their names and shapes, read without their data)."""
+    vit = create_vit(model.backbone, img_size=model.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
+                     depth=model.depth, num_heads=model.num_heads, device="meta")
+    if model.pretrained in ("", "none", "timm"):
+        return
+    path = Path(model.pretrained)
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"pretrained weights not found: {path} (model.pretrained)") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read pretrained weights {path} (model.pretrained): {err.strerror}") from None
+    load_pretrained(vit, path, strict=model.pretrained_strict)  # meta: names and shapes against the backbone
 
 
 def check_weights(model: ModelConfig) -> LoadReport:

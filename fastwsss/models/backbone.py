@@ -7,8 +7,10 @@ intermediate block before any norm. The patch part of the position embedding is 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._compat import ensure_torchvision
+from ..checkpoint import CheckpointError, is_training_checkpoint, training_checkpoint_message
+from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +35,39 @@ def create_vit(
     num_heads: int | None = None,
     pretrained_timm: bool = False,
     freeze_pos_embed: bool = True,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
-    """A timm VisionTransformer without its ImageNet head; dropout, attention dropout and drop-path all 0."""
-    ensure_torchvision()
-    import timm
+    """A timm VisionTransformer without its ImageNet head; dropout, attention dropout and drop-path all 0.
 
+    An architecture timm does not know, one that is not such a ViT, or sizes timm refuses raise a ConfigError naming
+    the ``model.*`` keys these arguments come from. ``device="meta"`` checks all that without memory (parameters
+    without data)."""
+    ensure_torchvision()
+    import timm  # imported before any device context: its module-level tensors stay ordinary ones
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch.split(".")[0], timm.list_models(), n=3)
+        raise ConfigError(f"model.backbone={arch!r} is not a timm model" + (f" (did you mean {', '.join(close)}?)"
+                          if close else "") + "; timm.list_models('*vit*') lists its ViTs")
     sizes = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
     kwargs = {k: v for k, v in sizes.items() if v is not None}
-    vit = timm.create_model(
-        arch, pretrained=pretrained_timm, num_classes=0, img_size=img_size,
-        drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, **kwargs,
-    )
+    try:
+        with torch.device(device) if device is not None else nullcontext():
+            vit = timm.create_model(
+                arch, pretrained=pretrained_timm, num_classes=0, img_size=img_size,
+                drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, **kwargs,
+            )
+    except (TypeError, AssertionError, ValueError) as err:  # unknown keyword (not a ViT), sizes timm refuses
+        given = ", ".join(f"model.{k}={v}" for k, v in {"img_size": img_size, **kwargs}.items())
+        raise ConfigError(f"timm cannot build model.backbone={arch!r} with {given}: {err} (fastwsss needs a "
+                          "ViT with one class token, e.g. deit_base_patch16_224)") from None
     problems = []
-    if getattr(vit, "cls_token", None) is None or vit.num_prefix_tokens != 1:
+    if getattr(vit, "cls_token", None) is None or getattr(vit, "num_prefix_tokens", 0) != 1:
         problems.append("needs exactly one class token and no register tokens")
-    if getattr(vit, "no_embed_class", False) or vit.pos_embed is None:
+    if getattr(vit, "no_embed_class", False) or getattr(vit, "pos_embed", None) is None:
         problems.append("needs an absolute position embedding that includes the class token")
     if problems:
-        raise ValueError(f"timm model {arch!r} is not supported: " + "; ".join(problems))
+        raise ConfigError(f"model.backbone={arch!r} (a timm model) is not supported: " + "; ".join(problems))
     vit.pos_embed.requires_grad_(not freeze_pos_embed)
     return vit
 
@@ -108,23 +127,35 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (``map_location="meta"``: names and shapes only, no data read); a file that is
+    missing, unreadable, not a state dict, or a fastwsss training checkpoint (whose RNG states ``weights_only``
+    refuses) is one clear error naming ``model.pretrained``."""
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise FileNotFoundError(f"pretrained weights not found: {path} (model.pretrained)")
+    if is_training_checkpoint(path):
+        raise CheckpointError(training_checkpoint_message(path))
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
 
-        sd = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"cannot read pretrained weights {path}: {err}") from err
+            if map_location == "meta":  # the header: names, shapes and dtypes
+                with safe_open(str(path), "pt") as f:
+                    sd = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+            else:
+                sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch, pickle, zip and safetensors raise many types for a bad file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"cannot read pretrained weights {path} (model.pretrained): not a state dict torch.load "
+                              f"or safetensors reads ({type(err).__name__}: {first})") from None
     for key in ("model", "state_dict", "module"):  # common checkpoint wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise CheckpointError(f"{path} (model.pretrained) does not hold a state dict of tensors")
     prefixes = ("module.", "backbone.", "encoder.")
     for prefix in prefixes:
         if sd and all(k.startswith(prefix) for k in sd):
@@ -137,10 +168,12 @@ def load_pretrained(vit: nn.Module, path: str | Path, strict: bool = True) -> Lo
 
     The position-embedding table is resampled if its grid differs; ImageNet head weights (``head.*``,
     ``fc_norm.*`` absent from this model) are reported as unexpected. Missing keys raise with the full
-    list when ``strict``; the report is always logged.
+    list when ``strict``; the report is always logged. Into a backbone built on the meta device, it checks the file
+    against it without reading any tensor's data, and logs nothing (a check at start, before the real load).
     """
     path = Path(path)
-    sd = _read_state_dict(path)
+    check = any(p.is_meta for p in vit.parameters())
+    sd = _read_state_dict(path, "meta" if check else "cpu")
     own = vit.state_dict()
     report = LoadReport(str(path))
     to_load = {}
@@ -153,13 +186,16 @@ def load_pretrained(vit: nn.Module, path: str | Path, strict: bool = True) -> Lo
             v = resample_pos_embed(v.float(), (g, g)).to(v.dtype)
             report.resized.append(k)
         if v.shape != own[k].shape:
-            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            raise CheckpointError(f"{path} (model.pretrained): tensor {k!r} has shape {tuple(v.shape)}, the model "
+                                  f"expects {tuple(own[k].shape)}")
         to_load[k] = v
     report.loaded = sorted(to_load)
     report.missing = sorted(k for k in own if k not in to_load)
     if report.missing and strict:
-        raise ValueError(f"{report}\nrefusing to train from a partially loaded backbone "
-                         "(model.pretrained_strict=false to continue anyway)")
+        raise CheckpointError(f"{report}\nrefusing to train from a partially loaded backbone "
+                              "(model.pretrained_strict=false to continue anyway)")
+    if check:
+        return report
     vit.load_state_dict(to_load, strict=False)
     (log.warning if report.missing or report.unexpected else log.info)("%s", report)
     return report
