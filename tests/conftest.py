@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest
 
+import fastwsss.methods  # noqa: F401 -- registers the methods and their config sections
 from fastwsss.config import load_config
 from fastwsss.data.synthetic import generate_dataset
 

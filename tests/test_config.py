@@ -12,6 +12,7 @@ from fastwsss.config import (
     load_config,
     packaged_configs,
     resume_changes,
+    schema,
     to_yaml,
 )
 
@@ -34,7 +35,7 @@ def test_every_yaml_loads_and_starts_with_a_comment(path):
     assert path.read_text().startswith("#"), "each YAML starts with what it reproduces and how to run it"
     # a YAML holds only differences from what it starts from (the schema, and its base: chain)
     layers = _yaml_layers(path)
-    below = OmegaConf.merge(OmegaConf.structured(Config), *(layer for layer, _ in layers[:-1]))
+    below = OmegaConf.merge(OmegaConf.structured(schema()), *(layer for layer, _ in layers[:-1]))
     own = layers[-1][0]
     same = [key for key, _ in _leaves(own) if _plain(OmegaConf.select(below, key)) == _plain(OmegaConf.select(own, key))]
     assert not same, f"{path.name} restates what it starts from: {same}"
