@@ -32,9 +32,11 @@ def multiscale_cams(model, x: torch.Tensor, scales: Sequence[float] = (1.0, 0.5,
         xs = x if s == 1.0 else F.interpolate(x, size=(int(s * H), int(s * W)), mode="bilinear", align_corners=False)
         if s == 1.0 and outputs is not None and not with_seg:
             pairs = zip(model.cams_from(outputs), model.cams(xs.flip(-1)))
-        else:
-            out = model(torch.cat([xs, xs.flip(-1)]), with_seg=with_seg)
+        elif with_seg:
+            out = model(torch.cat([xs, xs.flip(-1)]), with_seg=True)
             pairs = (c.split(B) for c in model.cams_from(out))
+        else:
+            pairs = (c.split(B) for c in model.cams(torch.cat([xs, xs.flip(-1)])))
         fused = []
         with fp32_arithmetic():
             for c, c_flip in pairs:
