@@ -528,7 +528,7 @@ RESUME_ALLOWED = (
 )
 
 
-def _leaf_values(node, prefix: str = "") -> dict[str, object]:
+def leaf_values(node, prefix: str = "") -> dict[str, object]:
     """Dotted key -> value of every leaf of a config tree: dataclass fields and dict entries are walked, so sections
     added later (a method's own, registered at run time) are covered without being listed; tuples read as lists."""
     if is_dataclass(node) and not isinstance(node, type):
@@ -539,7 +539,7 @@ def _leaf_values(node, prefix: str = "") -> dict[str, object]:
         return {prefix[:-1]: list(node) if isinstance(node, tuple) else node}
     out: dict[str, object] = {}
     for name, value in children.items():
-        out.update(_leaf_values(value, f"{prefix}{name}."))
+        out.update(leaf_values(value, f"{prefix}{name}."))
     return out
 
 
@@ -567,7 +567,7 @@ def resume_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
     change the maths) — unless ``new.run.allow_changes`` is true: then every change is allowed, the refused ones
     marked ``(run.allow_changes)``.
     """
-    old, now = _leaf_values(saved), _leaf_values(new)
+    old, now = leaf_values(saved), leaf_values(new)
     allowed: list[str] = []
     refused: list[str] = []
     for key in [*old, *(k for k in now if k not in old)]:

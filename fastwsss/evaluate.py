@@ -24,7 +24,7 @@ from .config import load_config
 from .data import EvalDataset, class_names, open_split
 from .inference.evaluation import CRF_MODE, EVAL_MODES, evaluate_model, evaluate_predictions
 from .inference.metrics import format_table, results_json
-from .inference.predict import load_model, make_crf_runner, multiscale_seg_logits
+from .inference.predict import check_kernel_backend, load_model, make_crf_runner, multiscale_seg_logits
 from .methods import build_method
 from .runtime import init_distributed, make_autocast
 
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.checkpoint is not None:
         model, cfg, iteration = load_model(args.checkpoint, args.overrides)
         dist, device = init_distributed(cfg.train.device)  # under torchrun: each process scores its share
+        check_kernel_backend(cfg.kernels.backend, device)
         model.to(device)
     else:
         cfg = load_config(args.config, args.overrides) if args.config else load_config(None, args.overrides)

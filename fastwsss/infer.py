@@ -31,7 +31,7 @@ import sys
 from . import version_string
 from .cli import user_errors
 from .inference.export import list_images, print_summary, run, split_items
-from .inference.predict import load_model
+from .inference.predict import check_kernel_backend, load_model
 from .runtime import init_distributed
 
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, cfg, iteration = load_model(args.checkpoint, args.overrides)
     dist, device = init_distributed(cfg.train.device)  # under torchrun: each process predicts its share
+    check_kernel_backend(cfg.kernels.backend, device)
     model.to(device)
     items = list_images(args.images) if args.images else split_items(cfg, args.split)
     info = {"checkpoint": args.checkpoint, "iteration": iteration, "source": args.images or f"split {args.split}"}

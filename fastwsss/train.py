@@ -17,7 +17,7 @@ from . import version_string
 from .cli import user_errors
 from .config import load_config, packaged_configs_help, to_yaml
 from .inference.predict import check_model, check_weights
-from .training import TrainingInterrupted, train
+from .training import NothingToTrain, TrainingInterrupted, train, without_pretrained
 
 DEFAULT_CONFIG = "demo"  # a packaged config (fastwsss.configs)
 SUMMARY = {"seg_miou": "segmentation", "cam_miou": "CAM", "pseudo_miou": "pseudo labels",  # the last line printed
@@ -58,12 +58,17 @@ def main(argv: list[str] | None = None) -> None:
         report = check_weights(cfg.model)
         print(report)
         sys.exit(1 if report.missing else 0)
-    check_model(cfg.model)  # a backbone timm cannot build, weights that cannot be read or do not fit: before the data
+    # a backbone timm cannot build, weights that cannot be read or do not fit: before the data (a resume reads no
+    # pretrained weights: its checkpoint holds every weight)
+    check_model(without_pretrained(cfg).model if cfg.run.resume else cfg.model)
     try:
         result = train(cfg)
     except TrainingInterrupted as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(128 + stopped.signum)
+    except NothingToTrain as done:
+        print(done, file=sys.stderr)
+        result = done.results
     summary = [f"{title} {100 * result[key]:.1f}" for key, title in SUMMARY.items()
                if not math.isnan(result.get(key, math.nan))]
     if summary:

@@ -198,9 +198,9 @@ def test_resume_changes_allowed_and_refused():
 
 
 def _leaf_keys(cfg):
-    from fastwsss.config import _leaf_values
+    from fastwsss.config import leaf_values
 
-    return _leaf_values(cfg)
+    return leaf_values(cfg)
 
 
 def test_resume_changes_cover_every_setting_and_new_sections():

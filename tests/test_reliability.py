@@ -594,3 +594,67 @@ def test_written_files_get_the_umask_permissions_as_open_gives_them(tmp_path, um
     for path in written:
         assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode))
 
+
+
+# ---- resuming, and what is known at start
+
+
+def test_triton_where_it_cannot_run_is_an_error_at_start(tiny_config, monkeypatch, tmp_path):
+    import fastwsss.kernels._backend as backend
+
+    monkeypatch.setattr(backend, "INTERPRET", False)  # a CPU machine without the interpreter
+    with pytest.raises(ConfigError, match=r"kernels.backend=triton cannot run on cpu: tensors on cpu"):
+        train(tiny_config("kernels.backend=triton", "train.max_iters=2"))
+    assert not (tmp_path / "run").exists()  # nothing built, nothing written
+
+
+def test_a_resume_refuses_changes_to_the_maths_and_says_when_there_is_nothing_to_do(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(*QUICK))
+    saved = (run / "config.yaml").read_text()
+    for override, line in (("train.max_iters=10", "train.max_iters: 4 -> 10"),
+                           ("train.batch_size=2", "train.batch_size: 4 -> 2"), ("optim.lr=0.5", "optim.lr: 0.001 -> 0.5")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_main([f"run.resume={run}", override])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and line in err and "run.allow_changes=true" in err, err
+    assert (run / "config.yaml").read_text() == saved
+    # a finished run: said, nothing trained or rewritten, its last results printed, exit 0
+    train_main([f"run.resume={run}", "train.log_interval=1"])
+    out = capsys.readouterr()
+    assert "is at iteration 4 (train.max_iters=4: the run is finished): nothing to train" in out.err
+    assert out.out.startswith("mIoU %:") and (run / "config.yaml").read_text() == saved
+    # another config named with --config: refused at start, before its data is generated
+    with pytest.raises(SystemExit):
+        train_main(["--config", "demo", f"run.resume={run}", f"data.root={tmp_path / 'demo_data'}"])
+    assert "train.method: cam -> mcc" in capsys.readouterr().err and not (tmp_path / "demo_data").exists()
+    # allowed on purpose: a longer schedule
+    train_main([f"run.resume={run}", "train.max_iters=6", "run.allow_changes=true"])
+    assert load_checkpoint(run)["iteration"] == 6
+    assert "resumed with train.max_iters: 4 -> 6 (run.allow_changes)" in (run / "train.log").read_text()
+    assert "allow_changes: false" in (run / "config.yaml").read_text()  # the allowance is not kept
+
+
+def test_metrics_keep_each_step_once_after_a_resume(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config("train.max_iters=6", "train.stop_at=4", "train.log_interval=1", "train.eval_interval=100",
+                      "train.ckpt_interval=2"))
+    with open(run / "metrics.jsonl", "a") as f:  # what a run killed after its checkpoint at 4 had gone on to write
+        f.write(json.dumps({"step": 5, "lr": 0.1}) + "\n" + '{"step": 6, "l')
+    train(tiny_config("train.max_iters=6", "train.log_interval=1", "train.eval_interval=100",
+                      "train.ckpt_interval=2", f"run.resume={run}"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" not in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["eval"]["step"] for r in records if "eval" in r] == [6]
+
+
+def test_processes_with_other_configs_are_named_by_key(tiny_config, monkeypatch):
+    from fastwsss.config import leaf_values
+    from fastwsss.runtime import Dist
+
+    cfg = tiny_config()
+    other = leaf_values(tiny_config("optim.lr=0.5"))
+    monkeypatch.setattr(training_loop, "all_gather_objects", lambda obj, dist: [obj, other])
+    with pytest.raises(ConfigError, match=r"process 1 has another config than process 0:\n  optim.lr: rank 0 0.001, "
+                                          r"rank 1 0.5"):
+        training_loop.check_processes(cfg, Dist(0, 2, 0))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_weights
 from ..config import Config, ConfigError, InferConfig, ModelConfig, load_config
+from ..kernels import device_reasons
 from ..methods import build_method
 from ..models import LoadReport, WSSSNet, create_vit, load_pretrained
 from .crf import CRFParams, CRFRunner
@@ -86,6 +87,15 @@ def check_model(model: ModelConfig) -> None:
     except OSError as err:
         raise CheckpointError(f"cannot read pretrained weights {path} (model.pretrained): {err.strerror}") from None
     load_pretrained(vit, path, strict=model.pretrained_strict)  # meta: names and shapes against the backbone
+
+
+def check_kernel_backend(backend: str, device: torch.device) -> None:
+    """``kernels.backend=triton`` where the Triton kernels cannot run is a mistake known at start, not at the first
+    kernel call (``auto`` picks what can run)."""
+    reasons = device_reasons(torch.empty(0, device=device)) if backend == "triton" else []
+    if reasons:
+        raise ConfigError(f"kernels.backend=triton cannot run on {device}: {'; '.join(reasons)} (kernels.backend=auto "
+                          "takes the kernels where they run and the PyTorch reference elsewhere)")
 
 
 def check_weights(model: ModelConfig) -> LoadReport:

@@ -3,9 +3,9 @@ its schedule, the periodic evaluation, and what a run logs."""
 
 from .evaluator import Evaluator
 from .guard import StepGuard
-from .loop import TrainingInterrupted, train
+from .loop import NothingToTrain, TrainingInterrupted, train, without_pretrained
 from .optim import build_optimizer, lr_multiplier, set_lr
 from .step import StepModule, forward_backward
 
-__all__ = ["Evaluator", "StepGuard", "StepModule", "TrainingInterrupted", "build_optimizer", "forward_backward",
-           "lr_multiplier", "set_lr", "train"]
+__all__ = ["Evaluator", "NothingToTrain", "StepGuard", "StepModule", "TrainingInterrupted", "build_optimizer", "forward_backward",
+           "lr_multiplier", "set_lr", "train", "without_pretrained"]

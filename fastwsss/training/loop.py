@@ -5,6 +5,7 @@ runs this loop on its share of each step's batch (README "Many GPUs")."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -20,10 +21,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
-from ..config import Config, to_yaml
+from ..config import Config, ConfigError, leaf_values, resume_changes, to_yaml
 from ..data import ResumableSampler, TrainDataset, open_splits
 from ..files import DirLock, atomic_write, remove_stale_temps
-from ..inference import class_pixel_prior
+from ..inference import check_kernel_backend, class_pixel_prior, config_from_checkpoint
 from ..kernels import backends_used
 from ..methods import build_method
 from ..runtime import (
@@ -46,6 +47,15 @@ log = logging.getLogger("fastwsss")
 MAX_SKIPPED_STEPS = 10
 
 
+class NothingToTrain(Exception):
+    """A resumed run that is already at the iteration it would stop at: nothing trained, nothing rewritten.
+    ``results``: its last evaluation (``results.json``), if it has one."""
+
+    def __init__(self, message: str, results: dict):
+        super().__init__(message)
+        self.results = results
+
+
 class TrainingInterrupted(Exception):
     """SIGINT / SIGTERM: the run saved a checkpoint at ``step`` and stopped (the command exits 128 + signal)."""
 
@@ -61,13 +71,16 @@ def train(cfg: Config) -> dict:
     :class:`TrainingInterrupted`. Under torchrun every process calls this: the first one writes the run directory."""
     dist, device = init_distributed(cfg.train.device)
     check_processes(cfg, dist)
+    check_kernel_backend(cfg.kernels.backend, device)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if not cfg.run.resume and restarted and (Path(cfg.run.dir) / "checkpoints" / "last.pt").exists():
         cfg.run.resume = cfg.run.dir  # torchrun --max-restarts: carry on from the last checkpoint
     if cfg.run.resume:
         resume = load_checkpoint(cfg.run.resume)
         run_dir = Path(resume["path"]).parent.parent
+        resumed_with = check_resume(cfg, resume, run_dir)
     else:
+        resumed_with = []
         resume = None
         run_dir = Path(cfg.run.dir or Path("runs") / cfg.name / time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(broadcast_object(str(run_dir), dist))  # the first process's clock names the run
@@ -82,7 +95,33 @@ def train(cfg: Config) -> dict:
         if dist.main:
             remove_stale_temps(run_dir)
             remove_stale_temps(run_dir / "checkpoints")
-        return _train(cfg, run_dir, resume, dist, device)
+        return _train(cfg, run_dir, resume, dist, device, resumed_with)
+
+
+def check_resume(cfg: Config, resume: dict, run_dir: Path) -> list[str]:
+    """A resume continues the run it names: settings that change its maths or schedule are refused unless
+    ``run.allow_changes`` (``config.resume_changes`` lists which may change), and a run already at the iteration
+    it would stop at raises :class:`NothingToTrain` before anything is written. Returns the changes allowed."""
+    allowed, refused = resume_changes(config_from_checkpoint(resume), cfg)
+    if refused:
+        raise ConfigError(f"run.resume={run_dir}: these settings differ from the run's and would change its maths or "
+                          "schedule (run.allow_changes=true resumes with them anyway):\n  " + "\n  ".join(refused))
+    cfg.run.allow_changes = False  # an allowance for this resume, not a setting the run keeps
+    stop = min(cfg.train.stop_at or cfg.train.max_iters, cfg.train.max_iters)
+    if resume["iteration"] >= stop:
+        results = run_dir / "results.json"
+        why = (f"train.max_iters={cfg.train.max_iters}: the run is finished" if resume["iteration"] >= cfg.train.max_iters
+               else f"train.stop_at={cfg.train.stop_at}")
+        raise NothingToTrain(f"{run_dir} is at iteration {resume['iteration']} ({why}): nothing to train, nothing "
+                             "written", json.loads(results.read_text()) if results.is_file() else {})
+    return allowed
+
+
+def without_pretrained(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose network is built without reading pretrained weights (a resume loads every weight)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.pretrained = "none"
+    return cfg
 
 
 def check_processes(cfg: Config, dist: Dist) -> None:
@@ -90,25 +129,26 @@ def check_processes(cfg: Config, dist: Dist) -> None:
     evenly, every process has the same config, and a restartable job names its run directory."""
     parts = dist.world_size * cfg.train.grad_accum
     if cfg.train.batch_size % parts:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be a multiple of "
-                         f"{dist.world_size} processes x train.grad_accum={cfg.train.grad_accum}")
-    configs = all_gather_objects(to_yaml(cfg), dist)
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be a multiple of "
+                          f"{dist.world_size} processes x train.grad_accum={cfg.train.grad_accum}")
+    configs = all_gather_objects(leaf_values(cfg), dist)
     other = next((r for r, c in enumerate(configs) if c != configs[0]), None)
     if other is not None:
-        diff = [f"  rank 0: {a}\n  rank {other}: {b}" for a, b in zip(configs[0].splitlines(),
-                                                                      configs[other].splitlines()) if a != b]
-        raise ValueError(f"process {other} has another config than process 0:\n" + "\n".join(diff[:10]))
+        diff = [f"  {key}: rank 0 {value}, rank {other} {configs[other].get(key)}"
+                for key, value in configs[0].items() if configs[other].get(key) != value]
+        raise ConfigError(f"process {other} has another config than process 0:\n" + "\n".join(diff[:10]))
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
         if not (cfg.run.dir or cfg.run.resume):
-            raise ValueError("torchrun --max-restarts needs run.dir=... (a fixed run directory): a restarted job "
-                             "resumes from its last checkpoint there")
+            raise ConfigError("torchrun --max-restarts needs run.dir=... (a fixed run directory): a restarted job "
+                              "resumes from its last checkpoint there")
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            raise ValueError("torchrun --max-restarts: run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
-                             "environment. Otherwise the restarted processes share the failed attempt's store and "
-                             "connect to its dead addresses (pytorch/pytorch#135712, #167288; README 'Many GPUs')")
+            raise ConfigError("torchrun --max-restarts: run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
+                              "environment. Otherwise the restarted processes share the failed attempt's store and "
+                              "connect to its dead addresses (pytorch/pytorch#135712, #167288; docs/distributed.md)")
 
 
-def _train(cfg: Config, run_dir: Path, resume: dict | None, dist: Dist, device: torch.device) -> dict:
+def _train(cfg: Config, run_dir: Path, resume: dict | None, dist: Dist, device: torch.device,
+           resumed_with: list[str]) -> dict:
     # ---- build
     cfg.run.dir = str(run_dir)
     if dist.main:
@@ -124,7 +164,8 @@ def _train(cfg: Config, run_dir: Path, resume: dict | None, dist: Dist, device: 
              len(val_items.names) if val_items is not None else 0, cfg.data.root)
 
     method = build_method(cfg)
-    model = method.build_model().to(device)
+    # a resume takes every weight from its checkpoint: the pretrained weights are not read again
+    model = (build_method(without_pretrained(cfg)) if resume is not None else method).build_model().to(device)
     optimizer = build_optimizer(model, method, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step = 0
@@ -169,6 +210,8 @@ def _train(cfg: Config, run_dir: Path, resume: dict | None, dist: Dist, device: 
     if dist.main:
         atomic_write(run_dir / "config.yaml", lambda p: p.write_text(to_yaml(cfg)))
         log.info("resolved config (saved to %s):\n%s", run_dir / "config.yaml", to_yaml(cfg))
+        for change in resumed_with:
+            log.info("resumed with %s", change)
     if dist.enabled:
         log.info("%d processes x %d micro-batch(es) of %d images = batch %d", dist.world_size, K, micro,
                  cfg.train.batch_size)
