@@ -155,7 +155,7 @@ def run_cases(rec: Recorder, quick: bool) -> None:
         PermutohedralLattice,
         bilateral_features,
         masked_key_attention,
-        par,
+        par_refine,
         token_affinity_loss,
     )
     from fastwsss.kernels._backend import TRITON_DTYPES
@@ -216,7 +216,7 @@ def run_cases(rec: Recorder, quick: bool) -> None:
         for K in (2, 3, 8, 21, 42):
             for dt in dtypes:
                 rec.case(f"PAR 224x224 B=4 K={K} {dt}", True)
-                par(imgs, torch.rand(4, K, 224, 224, generator=g).softmax(1).to(dt), backend="triton")
+                par_refine(imgs, torch.rand(4, K, 224, 224, generator=g).softmax(1).to(dt), backend="triton")
         cls_label = torch.zeros(4, 20)
         for i, present in enumerate(([3, 7], [14], [0, 5, 9], [11])):
             cls_label[i, present] = 1

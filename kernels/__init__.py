@@ -10,8 +10,9 @@ from ._backend import backends_used, device_reasons, resolve_backend
 from .affinity import token_affinity_loss, token_affinity_sums
 from .attention import MaskedKeyAttention, masked_key_attention, swap_attention, varlen_attention
 from .lattice import PermutohedralLattice, bilateral_features, permutohedral_filter, position_features
-from .par import par, par_affinity, par_propagate
+from .par import par_affinity, par_propagate, par_refine
 
 __all__ = ["MaskedKeyAttention", "PermutohedralLattice", "backends_used", "bilateral_features", "device_reasons",
-           "masked_key_attention", "par", "par_affinity", "par_propagate", "permutohedral_filter", "position_features",
-           "resolve_backend", "swap_attention", "token_affinity_loss", "token_affinity_sums", "varlen_attention"]
+           "masked_key_attention", "par_affinity", "par_propagate", "par_refine", "permutohedral_filter",
+           "position_features", "resolve_backend", "swap_attention", "token_affinity_loss", "token_affinity_sums",
+           "varlen_attention"]

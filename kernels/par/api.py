@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._backend import TRITON_DTYPES, check_devices, device_reasons, resolve_backend
-from .reference import DEFAULT_DILATIONS, _resize, par_affinity_reference, par_propagate_reference, par_reference
+from .reference import DEFAULT_DILATIONS, _resize, par_affinity_reference, par_propagate_reference, par_refine_reference
 
 
 @torch.library.custom_op("fastwsss::par_affinity", mutates_args=())
@@ -119,14 +119,14 @@ def par_propagate(affinity: Tensor, masks: Tensor, dilations: Sequence[int] = DE
     return par_propagate_reference(affinity, masks, dilations, num_iter)
 
 
-def par(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS, num_iter: int = 10,
-        w1: float = 0.3, w2: float = 0.01, backend: str = "auto") -> Tensor:
+def par_refine(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS, num_iter: int = 10,
+               w1: float = 0.3, w2: float = 0.01, backend: str = "auto") -> Tensor:
     """Pixel-adaptive refinement (AFA, CVPR 2022) of masks (CAMs) by the image, as in ToCo / MCC.
 
     images [B, 3, h, w] in [0, 1], masks [B, K, h', w'] -> refined masks [B, K, h, w] in the masks' dtype.
     Equals `par_propagate(par_affinity(images), masks)`, without rounding the affinity to the input dtype.
     """
-    op = "par"
+    op = "par_refine"
     _check_4d(op, "images", images)
     _check_4d(op, "masks", masks)
     _check_dilations(op, dilations)
@@ -138,4 +138,4 @@ def par(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATI
         aff = _par_affinity_op(_fp32(images), list(dilations), float(w1), float(w2))
         out = _fp32(_resize(masks.to(torch.float32), tuple(images.shape[-2:])))
         return _par_propagate_op(aff, out, list(dilations), num_iter).to(masks.dtype)
-    return par_reference(images, masks, dilations, num_iter, w1, w2)
+    return par_refine_reference(images, masks, dilations, num_iter, w1, w2)

@@ -13,8 +13,8 @@ from fastwsss.kernels import (
     _backend,
     backends_used,
     masked_key_attention,
-    par,
     par_propagate,
+    par_refine,
     permutohedral_filter,
     token_affinity_loss,
     varlen_attention,
@@ -97,7 +97,7 @@ def _two_device_calls(a: str, b: str):
         ("varlen_attention", lambda be: varlen_attention(t(6, 2, 8), t(6, 2, 8, dev=b), t(6, 2, 8), cu, backend=be)),
         ("varlen_attention", lambda be: varlen_attention(*(t(6, 2, 8) for _ in range(3)), cu.to(b), backend=be)),
         ("token_affinity_loss", lambda be: token_affinity_loss(t(1, 6, 4), labels, backend=be)),
-        ("par", lambda be: par(t(1, 3, 8, 8), t(1, 2, 8, 8, dev=b), backend=be)),
+        ("par_refine", lambda be: par_refine(t(1, 3, 8, 8), t(1, 2, 8, 8, dev=b), backend=be)),
         ("par_propagate", lambda be: par_propagate(t(1, 48, 8, 8, dev=b), t(1, 2, 8, 8), backend=be)),
         ("permutohedral_filter", lambda be: permutohedral_filter(t(1, 2, 8, 8), t(1, 3, 8, 8, dev=b), backend=be)),
         ("PermutohedralLattice.filter", lambda be: PermutohedralLattice(t(1, 3, 8, 8), backend=be
