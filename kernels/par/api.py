@@ -38,8 +38,9 @@ def _(affinity, masks, dilations, num_iter):
     return torch.empty_like(masks)
 
 
-def triton_reasons(*tensors: Tensor) -> list[str]:
-    """Why the Triton PAR cannot take these inputs ([] = it can). The kernels are forward-only: training runs PAR
+def par_reasons(*tensors: Tensor) -> list[str]:
+    """Why the Triton path of the PAR ops (``par_refine``, ``par_affinity``, ``par_propagate``) cannot take these
+    inputs ([] = it can): the op's tensor arguments, in its order. The kernels are forward-only: training runs PAR
     under no_grad, and where a gradient is wanted the reference (differentiable) runs instead."""
     reasons = device_reasons(*tensors)
     for t in tensors:
@@ -89,7 +90,7 @@ def par_affinity(images: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS, w
     op = "par_affinity"
     _check_4d(op, "images", images)
     _check_dilations(op, dilations)
-    if resolve_backend(backend, op, triton_reasons(images), images) == "triton":
+    if resolve_backend(backend, op, par_reasons(images), images) == "triton":
         return _par_affinity_op(_fp32(images), list(dilations), float(w1), float(w2)).to(images.dtype)
     return par_affinity_reference(images, dilations, w1, w2)
 
@@ -113,7 +114,7 @@ def par_propagate(affinity: Tensor, masks: Tensor, dilations: Sequence[int] = DE
     if masks.shape[0] != affinity.shape[0]:
         raise ValueError(f"{op}: batch sizes differ: affinity {affinity.shape[0]}, masks {masks.shape[0]}")
     _check_devices(op, affinity=affinity, masks=masks)
-    if resolve_backend(backend, op, triton_reasons(affinity, masks), affinity, masks) == "triton":
+    if resolve_backend(backend, op, par_reasons(affinity, masks), affinity, masks) == "triton":
         out = _fp32(_resize(masks.to(torch.float32), tuple(affinity.shape[-2:])))
         return _par_propagate_op(_fp32(affinity), out, list(dilations), num_iter).to(masks.dtype)
     return par_propagate_reference(affinity, masks, dilations, num_iter)
@@ -134,7 +135,7 @@ def par_refine(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT
     if masks.shape[0] != images.shape[0]:
         raise ValueError(f"{op}: batch sizes differ: images {images.shape[0]}, masks {masks.shape[0]}")
     _check_devices(op, images=images, masks=masks)
-    if resolve_backend(backend, op, triton_reasons(images, masks), images, masks) == "triton":
+    if resolve_backend(backend, op, par_reasons(images, masks), images, masks) == "triton":
         aff = _par_affinity_op(_fp32(images), list(dilations), float(w1), float(w2))
         out = _fp32(_resize(masks.to(torch.float32), tuple(images.shape[-2:])))
         return _par_propagate_op(aff, out, list(dilations), num_iter).to(masks.dtype)
