@@ -92,8 +92,10 @@ def attention_forward(attn: nn.Module, x: Tensor, attn_mask: Tensor | None = Non
     key_keep [B, N] or [B, M, N] bool (True = visible key; M masks over the same tokens in one pass) or a boolean
     key-only attn_mask [B or 1, 1, 1, N] take the Triton kernel; other masks, ``is_causal`` and attention dropout
     in training take timm's computation (``backend="auto"``) or raise with the reasons (``backend="triton"``).
-    With no mask and the torch backend the result is timm's, bit for bit. A query whose mask hides every key gets
-    0 from the kernel path.
+    With no mask at all, ``backend="auto"`` takes timm's computation too (SDPA, i.e. FlashAttention on a GPU, is
+    the tool for unmasked attention; the kernel is for key masks) and so does ``"torch"``: the result is timm's,
+    bit for bit. ``backend="triton"`` still runs the kernel, with every key visible. A query whose mask hides every
+    key gets 0 from the kernel path.
     """
     op = f"{type(attn).__name__} attention"
     B, N, _ = x.shape
@@ -116,7 +118,8 @@ def attention_forward(attn: nn.Module, x: Tensor, attn_mask: Tensor | None = Non
             reasons.append(f"attn_mask {attn_mask.dtype} {tuple(attn_mask.shape)} is not a boolean key mask "
                            "[B or 1, 1, 1, N]")
     reasons += _module_reasons(attn) + masked_key_attention_reasons(q, k, v, keep)
-    if resolve_backend(backend, op, reasons, x) == "triton":
+    unmasked = key_keep is None and attn_mask is None and not is_causal
+    if resolve_backend("torch" if unmasked and backend == "auto" else backend, op, reasons, x) == "triton":
         o = masked_key_attention(q, k, v, x.new_ones(B, 1, N, dtype=torch.bool) if keep is None else keep,
                                  attn.scale, backend="triton")  # [B, M, H, N, Dh]
     elif key_keep is None:
@@ -159,7 +162,8 @@ def packed_self_attention(attn: nn.Module, x: Tensor, cu_seqlens: Tensor, backen
 class MaskedKeyAttention(nn.Module):
     """timm ``Attention`` with Triton masked-key attention: same constructor, parameter names and forward
     signature, plus ``forward(..., key_keep=)`` ([B, N] or [B, M, N] bool, True = visible key). ``backend``
-    ("auto" | "triton" | "torch") plays the role of timm's ``fused_attn``; see :func:`attention_forward`."""
+    ("auto" | "triton" | "torch") plays the role of timm's ``fused_attn``; see :func:`attention_forward` (with
+    "auto", key masks take the kernel, unmasked calls timm's own SDPA)."""
 
     def __init__(
         self,

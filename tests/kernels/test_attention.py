@@ -323,6 +323,29 @@ def test_layer_runs_many_masks_in_one_call(timm_vit):
     assert_close(layer(x, key_keep=keep[:, 1]), want[:, 1], 1e-5, "key_keep [B, N]")
 
 
+def test_unmasked_auto_takes_timms_attention(timm_vit, monkeypatch):
+    """No mask at all under backend="auto": timm's own computation (SDPA; FlashAttention on a GPU), bit for bit, and
+    recorded as "torch" (before: the masked-key kernel with every key visible, where the interpreter or a GPU can
+    run it); a key mask still takes the kernel, and backend="triton" still forces it without a mask."""
+    from fastwsss.kernels import _backend, backends_used
+
+    monkeypatch.setattr(_backend, "_used", {})
+    attn_ref = timm_vit().blocks[0].attn
+    layer = MaskedKeyAttention.from_attention(attn_ref)  # auto
+    op = "MaskedKeyAttention attention"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 18, 64, generator=gen).to(DEVICE)
+    assert torch.equal(layer(x), attn_ref(x))
+    assert backends_used(reset=True) == {op: "torch"}
+    keep = (torch.rand(2, 18, generator=gen) < 0.5).to(DEVICE)
+    keep[:, 0] = True
+    assert_close(layer(x, key_keep=keep), attn_ref(x, attn_mask=keep[:, None, None, :]), 1e-5, "key mask, auto")
+    assert backends_used(reset=True) == {op: "triton", "masked_key_attention": "triton"}
+    layer.backend = "triton"
+    assert_close(layer(x), attn_ref(x), 1e-5, "no mask, triton")
+    assert backends_used() == {op: "triton", "masked_key_attention": "triton"}
+
+
 def test_layer_falls_back_for_masks_it_cannot_take(timm_vit):
     attn_ref = timm_vit().blocks[0].attn
     layer = MaskedKeyAttention.from_attention(attn_ref)  # auto
