@@ -11,6 +11,7 @@ from ._backend import backends_used, device_reasons, resolve_backend
 from .affinity import token_affinity_loss, token_affinity_reasons, token_affinity_sums
 from .attention import (
     MaskedKeyAttention,
+    block_forward,
     masked_key_attention,
     masked_key_attention_reasons,
     swap_attention,
@@ -26,8 +27,8 @@ from .lattice import (
 )
 from .par import par_affinity, par_propagate, par_reasons, par_refine
 
-__all__ = ["MaskedKeyAttention", "PermutohedralLattice", "backends_used", "bilateral_features", "device_reasons",
-           "masked_key_attention", "masked_key_attention_reasons", "par_affinity", "par_propagate", "par_reasons",
-           "par_refine", "permutohedral_filter", "permutohedral_reasons", "position_features", "resolve_backend",
-           "swap_attention", "token_affinity_loss", "token_affinity_reasons", "token_affinity_sums",
+__all__ = ["MaskedKeyAttention", "PermutohedralLattice", "backends_used", "bilateral_features", "block_forward",
+           "device_reasons", "masked_key_attention", "masked_key_attention_reasons", "par_affinity", "par_propagate",
+           "par_reasons", "par_refine", "permutohedral_filter", "permutohedral_reasons", "position_features",
+           "resolve_backend", "swap_attention", "token_affinity_loss", "token_affinity_reasons", "token_affinity_sums",
            "varlen_attention", "varlen_attention_reasons"]

@@ -12,6 +12,7 @@ import torch
 from fastwsss.kernels import testing
 from fastwsss.kernels.attention import (
     MaskedKeyAttention,
+    block_forward,
     masked_key_attention,
     masked_key_attention_ref,
     swap_attention,
@@ -360,6 +361,81 @@ def test_layer_falls_back_for_masks_it_cannot_take(timm_vit):
     layer.attn_drop.p = 0.1
     with pytest.raises(ValueError, match="attention dropout"):
         layer(x)
+
+
+# ---- block_forward: a whole timm Block with the drop-in's key masks or packed sequences
+
+
+def test_block_forward_without_extras_is_the_block(timm_vit):
+    """Neither key_keep nor cu_seqlens: block(x), and with "auto" timm's own block bit for bit."""
+    ref = timm_vit()
+    model = swap_attention(timm_vit())  # auto
+    x = torch.randn(2, 18, 64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    for blk_ref, blk in zip(ref.blocks, model.blocks, strict=True):
+        assert torch.equal(block_forward(blk, x), blk(x))
+        assert torch.equal(block_forward(blk, x), blk_ref(x))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_block_forward_many_masks_equals_one_run_per_mask(timm_vit, backend):
+    """key_keep [B, M, N] -> [B, M, N, C]: mask m equals timm's block under that key mask alone, and equals
+    block_forward with key_keep [B, N]; gradients w.r.t. x too."""
+    ref = timm_vit()
+    model = swap_attention(timm_vit(), backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 18, 64, generator=gen).to(DEVICE).requires_grad_()
+    keep = (torch.rand(2, 3, 18, generator=gen) < 0.5).to(DEVICE)
+    keep[..., :2] = True  # class and register token
+    keep[1, 2] = True  # a mask that hides nothing
+    blk, blk_ref = model.blocks[1], ref.blocks[1]
+    out = block_forward(blk, x, key_keep=keep)
+    assert out.shape == (2, 3, 18, 64)
+    want = torch.stack([blk_ref(x, attn_mask=keep[:, m, None, None, :]) for m in range(3)], dim=1)
+    assert_close(out, want, 1e-5, f"{backend}: masks in one call vs one timm run per mask")
+    each = torch.stack([block_forward(blk, x, key_keep=keep[:, m]) for m in range(3)], dim=1)
+    assert_close(out, each, 1e-5, f"{backend}: key_keep [B, M, N] vs [B, N] per mask")
+    g = torch.randn(out.shape, generator=gen).to(DEVICE)
+    (dx,), (dx_ref,) = torch.autograd.grad(out, x, g), torch.autograd.grad(want, x, g)
+    assert_close(dx, dx_ref, 5e-5, f"{backend}: dx")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_block_forward_packed_equals_one_run_per_sequence(timm_vit, backend):
+    """cu_seqlens: packed x [T, C] -> [T, C], each sequence as timm's block on it alone (empty and single-token
+    sequences included); the drop-in's forward(cu_seqlens=) is the attention part."""
+    ref = timm_vit()
+    model = swap_attention(timm_vit(), backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 1, 12, 0, 7]
+    seqs = [torch.randn(n, 64, generator=gen).to(DEVICE) for n in lengths]
+    packed = torch.cat(seqs)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    blk, blk_ref = model.blocks[0], ref.blocks[0]
+    out = block_forward(blk, packed, cu_seqlens=cu)
+    want = torch.cat([blk_ref(s[None])[0] for s in seqs if len(s)])
+    assert_close(out, want, 1e-5, f"{backend}: packed block vs one run per sequence")
+    attn = blk.attn(blk.norm1(packed), cu_seqlens=cu)
+    assert_close(attn, torch.cat([blk_ref.attn(blk_ref.norm1(s[None]))[0] for s in seqs if len(s)]), 1e-5,
+                 f"{backend}: packed attention")
+
+
+def test_block_forward_refuses_what_it_cannot_run(timm_vit):
+    ref = timm_vit()
+    x = torch.randn(2, 18, 64, device=DEVICE)
+    keep = torch.ones(2, 18, dtype=torch.bool, device=DEVICE)
+    cu = torch.tensor([0, 18, 36], device=DEVICE)
+    with pytest.raises(TypeError, match="need a MaskedKeyAttention"):
+        block_forward(ref.blocks[0], x, key_keep=keep)  # timm's own Attention takes no key_keep
+    blk = swap_attention(ref).blocks[0]
+    with pytest.raises(ValueError, match="not both"):
+        block_forward(blk, x, key_keep=keep, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="takes no attn_mask"):
+        blk.attn(x.flatten(0, 1), key_keep=keep, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="packed sequences"):
+        blk.attn(x, cu_seqlens=cu)
+    drop = swap_attention(timm_vit(drop_path_rate=0.1)).train().blocks[1]
+    with pytest.raises(ValueError, match="drop path"):
+        block_forward(drop, x, key_keep=keep)
 
 
 # ---- non-finite values: where they may go, on both backends
