@@ -92,6 +92,10 @@ MASKED_CASES = [  # B, M, H, N, D, dtype, mask kind
     pytest.param(2, 3, 2, 70, 32, "fp32", "one-visible", id="B2-M3-H2-N70-D32-fp32-one-visible"),
     pytest.param(2, 3, 2, 70, 32, "fp16", "identical", id="B2-M3-H2-N70-D32-fp16-identical"),
     pytest.param(1, 2, 2, 70, 32, "fp32", "all-visible", id="B1-M2-H2-N70-D32-fp32-all-visible"),
+    # ragged head dims reach the kernels padded to a multiple of 16; half D <= 16 and D > 128 run dK/dV key-major
+    pytest.param(1, 3, 2, 40, 8, "fp16", "random", id="B1-M3-H2-N40-D8-fp16-key-major"),
+    pytest.param(1, 2, 1, 30, 200, "fp16", "random", id="B1-M2-H1-N30-D200-fp16-key-major"),
+    pytest.param(1, 2, 2, 30, 47, "fp32", "random", id="B1-M2-H2-N30-D47-fp32-padded"),
     pytest.param(2, 3, 2, 70, 32, "bf16", "random", id="B2-M3-H2-N70-D32-bf16", marks=gpu),
     pytest.param(1, 3, 2, 197, 64, "bf16", "one-visible", id="B1-M3-H2-N197-D64-bf16-one-visible", marks=gpu),
     pytest.param(4, 8, 12, 785, 64, "bf16", "random", id="B4-M8-H12-N785-D64-vit448-bf16", marks=gpu),
@@ -124,6 +128,8 @@ VARLEN_CASES = [  # sequence lengths, H, D, dtype
     pytest.param([1] * 5, 2, 16, "fp32", id="S5-T5-H2-D16-fp32-singletons"),
     pytest.param([197, 197], 2, 64, "fp32", id="S2-T394-H2-D64-vit224-fp32"),
     pytest.param([1 + (7 * i) % 23 for i in range(24)], 2, 64, "fp32", id="S24-mcc-views-H2-D64-fp32"),
+    pytest.param([1, 0, 39, 20, 3], 2, 8, "fp16", id="S5-T63-H2-D8-fp16-key-major"),
+    pytest.param([5, 30, 1], 1, 200, "fp16", id="S3-T36-H1-D200-fp16-key-major"),
     pytest.param([1, 0, 39, 100, 3, 70], 2, 32, "bf16", id="S6-T213-H2-D32-bf16", marks=gpu),
     pytest.param([1 + (13 * i) % 80 for i in range(32)] + [785] * 4, 12, 64, "bf16", id="S36-vit448-H12-D64-bf16",
                  marks=gpu),
@@ -167,6 +173,23 @@ def test_backward_is_deterministic():
     first, second = (torch.autograd.grad(masked_key_attention(q, k, v, keep, backend="triton"), (q, k, v), g)
                      for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_kernels_get_aligned_rows():
+    """What the launchers hand the kernels: rows at 16-byte-aligned addresses with strides divisible by 16 (Triton's
+    vectorised specialization, the one the compile check compiles), copied only where they are not."""
+    from fastwsss.kernels.attention._triton import _row_view
+
+    def aligned(t):
+        return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride()[:-1])
+
+    x = torch.randn(2, 3, 5, 80)
+    assert _row_view(x) is x
+    qkv = torch.randn(2, 5, 3, 3, 64).permute(2, 0, 3, 1, 4)  # timm's q, k, v views into one qkv buffer
+    assert all(_row_view(t) is t for t in qkv.unbind(0))
+    for odd in (x[..., 3:67], x[:, :, :, :64].transpose(2, 3).contiguous().transpose(2, 3)):
+        out = _row_view(odd)
+        assert aligned(out) and torch.equal(out, odd)
 
 
 def test_compact_keys_lists_visible_keys_first_in_order():
