@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from fastwsss.kernels.par import par, par_reference
+from fastwsss.kernels.par import par_refine, par_refine_reference
 from fastwsss.kernels.testing import DEVICE, GPU, assert_close
 
 CASES = {  # name: (B, K, h, w, present channels per image or None = all, dtype)
@@ -49,7 +49,7 @@ def _case(name: str):
                 keep[b, 1 + torch.randperm(K // 2 - 1, generator=g)[:present - 1]] = True
             masks = masks * keep.repeat(1, 2)[:, :, None, None]
         masks = masks.to(DEVICE, dtype)
-        _DATA[name] = (images, masks, par_reference(images, masks.float()))
+        _DATA[name] = (images, masks, par_refine_reference(images, masks.float()))
     return _DATA[name]
 
 
@@ -59,17 +59,17 @@ def test_par(run_case, name, provider):
     images, masks, ref = _case(name)
     B, K, h, w, present, dtype = CASES[name]
     if provider == "reference":
-        fn = par_reference
+        fn = par_refine_reference
     elif provider == "compile":
         if not GPU and not os.environ.get("FASTWSSS_BENCH_COMPILE"):
             pytest.skip("torch.compile takes ~30 s or more cold on a CPU; FASTWSSS_BENCH_COMPILE=1 runs it")
-        fn = torch.compile(par_reference)
+        fn = torch.compile(par_refine_reference)
     else:
         from fastwsss.kernels._backend import device_reasons
 
         if device_reasons(images):
             pytest.skip("; ".join(device_reasons(images)))
-        fn = lambda i, m: par(i, m, backend="triton")
+        fn = lambda i, m: par_refine(i, m, backend="triton")
     with torch.no_grad():
         run_case(lambda: fn(images, masks),
                  lambda out: assert_close(out, ref, TOL[dtype], f"{provider} {name}", rtol=0, scale="max"),

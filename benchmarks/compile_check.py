@@ -1,9 +1,9 @@
 """Compile every Triton kernel of fastwsss for sm_90 (H100/H200) and sm_80 (A100) with the real Triton compiler.
 
 No GPU is needed: Triton lowers to PTX and ptxas to a cubin on any machine. The check fails (exit 1) when a kernel
-does not compile, needs more shared memory than its arch allows per block, spills registers on a path the project
-runs by default (training and inference), or lowers a half-precision dot to anything but wgmma on sm_90 / mma on
-sm_80. It prints one line per (specialization, target) and writes ``results.json`` / ``results.md``.
+does not compile, needs more shared memory than its arch allows per block, spills registers (any specialization,
+default path or API only), or lowers a half-precision dot to anything but wgmma on sm_90 / mma on sm_80. It prints
+one line per (specialization, target) and writes ``results.json`` / ``results.md``.
 
     python benchmarks/compile_check.py [--quick] [--targets 90,80] [--jobs N] [--out-dir DIR]
 
@@ -18,15 +18,18 @@ depends on the data (packed lengths, lattice sizes) are compiled a second time w
 This process then compiles each one through ``JITFunction.warmup`` with a stand-in driver whose target is the GPU
 architecture: Triton's binder, options and pipeline down to ptxas, exactly what a launch would compile.
 
-``--quick`` (CI) leaves out the API-only cases no config launches (head dims 128 / 256, plain cosine affinity,
-the lattice filter's other value dtypes); the default paths are always compiled.
+Both attention APIs are compiled at every head dim they accept (``API_HEAD_DIMS``), in every dtype, in both modes.
+``--quick`` leaves out the other API-only cases no config launches (plain cosine affinity, the lattice filter's
+fp16 / bf16 values); CI (``tests/test_compile_check.py``) runs the default mode, everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
+import io
 import json
 import os
 import re
@@ -48,6 +51,12 @@ DATA_DEPENDENT = {
     "lattice_splat_kernel": ("R",),
     "lattice_blur_kernel": ("M",),
 }
+# head dims of the attention API cases: every specialization a head dim D in 1..256 makes. The API pads D to a
+# multiple of 16 (so D and every row stride are divisible by 16) and BLOCK_D = max(16, next_pow2(D)) picks the tiles
+# (_configs): one specialization per BLOCK_D (16, 32, 64, 128, 256) and dtype. The ragged head dims here (1, 7, 23,
+# 47, 97, 201) show that they land on the same ones (their launches deduplicate; capturing them costs seconds).
+API_HEAD_DIMS = (1, 7, 16, 23, 32, 47, 64, 97, 128, 201, 256)
+API_MASKS = (1, 3)  # masks per image of the masked API cases: M == 1 is a specialization of its own
 # per-SM limits of the occupancy estimate and the per-block shared-memory budget
 ARCH = {
     90: {"name": "sm_90 (H100/H200)", "sms": 132, "regs": 65536, "max_warps": 64, "max_blocks": 32,
@@ -154,8 +163,9 @@ def run_cases(rec: Recorder, quick: bool) -> None:
         PermutohedralLattice,
         bilateral_features,
         masked_key_attention,
-        par,
+        par_refine,
         token_affinity_loss,
+        varlen_attention,
     )
     from fastwsss.kernels._backend import TRITON_DTYPES
     from fastwsss.kernels.attention import MaskedKeyAttention, masked_self_attention, packed_self_attention
@@ -191,12 +201,19 @@ def run_cases(rec: Recorder, quick: bool) -> None:
         rec.case(f"attention, MCC token-dropped route (varlen): {B * M} views T={T} H={H} D={Dh} {dt}", default)
         seq = torch.randn(T, C, dtype=dt, generator=g).requires_grad_()
         packed_self_attention(attn, seq, cu, "triton").sum().backward()
-    if not quick:
-        for dh in (128, 256):
-            for dt in (torch.float32, torch.bfloat16):
-                rec.case(f"masked_key_attention, head dim {dh}: B=1 M=1 H=2 N={N} {dt}", False)
-                q, k, v = (torch.randn(1, 2, N, dh, dtype=dt, generator=g).requires_grad_() for _ in range(3))
-                masked_key_attention(q, k, v, keep[:1, :1], backend="triton").sum().backward()
+    # both attention APIs at every head dim they accept, in every dtype (--quick too); ragged head dims reach the
+    # kernels padded to a multiple of 16, so they compile to the same specializations as the multiples of 16
+    lengths = [1, 0, 39, 100, 3, 70]  # T = 213: not a multiple of 16 (the flipped variant compiles T = 224)
+    cu_api = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    for dh in API_HEAD_DIMS:
+        for dt in dtypes:
+            for m_api in API_MASKS:
+                rec.case(f"masked_key_attention, head dim {dh}: B=1 M={m_api} H=3 N=197 {dt}", False)
+                q, k, v = (torch.randn(1, 3, 197, dh, dtype=dt, generator=g).requires_grad_() for _ in range(3))
+                masked_key_attention(q, k, v, keep[:1, :m_api, :197], backend="triton").sum().backward()
+            rec.case(f"varlen_attention, head dim {dh}: {len(lengths)} sequences T={sum(lengths)} H=3 {dt}", False)
+            q, k, v = (torch.randn(sum(lengths), 3, dh, dtype=dt, generator=g).requires_grad_() for _ in range(3))
+            varlen_attention(q, k, v, cu_api, backend="triton").sum().backward()
 
     # token affinity loss: the final feature map of ViT-B at 448, batch 4
     labels = torch.randint(0, 6, (4, 784), generator=g)
@@ -216,7 +233,7 @@ def run_cases(rec: Recorder, quick: bool) -> None:
         for K in (2, 3, 8, 21, 42):
             for dt in dtypes:
                 rec.case(f"PAR 224x224 B=4 K={K} {dt}", True)
-                par(imgs, torch.rand(4, K, 224, 224, generator=g).softmax(1).to(dt), backend="triton")
+                par_refine(imgs, torch.rand(4, K, 224, 224, generator=g).softmax(1).to(dt), backend="triton")
         cls_label = torch.zeros(4, 20)
         for i, present in enumerate(([3, 7], [14], [0, 5, 9], [11])):
             cls_label[i, present] = 1
@@ -366,6 +383,11 @@ def ptxas_info(ptx: str, cap: int, fp_fusion: bool) -> dict:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
         log = _run([_tool("ptxas"), *flags, str(src), "-o", str(Path(d) / "k.cubin")])
+    return parse_ptxas_log(log)
+
+
+def parse_ptxas_log(log: str) -> dict:
+    """Registers, stack frame and spill bytes from the output of ptxas -v ({} when it has none)."""
     info = {}
     m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if m:
@@ -430,15 +452,20 @@ def compile_one(spec: dict, cap: int) -> dict:
     row.update(target=cap, short=short_spec(spec), dtypes=sorted({
         d for c in spec["cases"] for d in re.findall(r"torch\.(float\d+|bfloat16)", c)}))
     driver.set_active(_StandInDriver(GPUTarget("cuda", cap, 32)))
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints its own ptxas -v: no second ptxas run for the figures
+    log = io.StringIO()
     t0 = time.time()
     try:
-        ck = kernel.warmup(*args, grid=(1,), **spec["options"])
+        with contextlib.redirect_stdout(log):
+            ck = kernel.warmup(*args, grid=(1,), **spec["options"])
     except Exception as e:  # noqa: BLE001 - every compiler error is a finding
         return {**row, "ok": False, "error": f"{type(e).__name__}: {e}"[:4000], "seconds": round(time.time() - t0, 1)}
     md = ck.metadata
     row.update(ok=True, seconds=round(time.time() - t0, 1), shared=md.shared, num_warps=md.num_warps,
                num_stages=md.num_stages, dots=parse_dots(ck.asm["ttgir"]))
-    row.update(ptxas_info(ck.asm["ptx"], cap, spec["options"].get("enable_fp_fusion", True)))
+    # a kernel from Triton's cache printed no log: run ptxas -v with Triton's flags ourselves
+    row.update(parse_ptxas_log(log.getvalue()) or ptxas_info(ck.asm["ptx"], cap,
+                                                              spec["options"].get("enable_fp_fusion", True)))
     row.update(occupancy(cap, row.get("regs", 0), md.num_warps, md.shared))
     slots = ARCH[cap]["sms"] * max(row["blocks_per_sm"], 1)
     row["waves"] = [round(_prod(g) / slots, 2) for g in spec["grids"]]
@@ -459,8 +486,9 @@ def failures(row: dict) -> list[str]:
     a, out = ARCH[row["target"]], []
     if row["shared"] > a["smem_block"]:
         out.append(f"shared memory {row['shared']} B > {a['smem_block']} B per block")
-    if row["default"] and (row.get("spill_st", 0) or row.get("spill_ld", 0)):
-        out.append(f"spills {row['spill_st']}/{row['spill_ld']} B (stores/loads) on a default path")
+    if row.get("spill_st", 0) or row.get("spill_ld", 0):
+        where = "a default path" if row["default"] else "an API-only path"
+        out.append(f"spills {row['spill_st']}/{row['spill_ld']} B (stores/loads) on {where}")
     bad = sorted({f"{d['in']}->{d['kind']}" for d in row["dots"] if d["in"] in HALF and d["kind"] != a["half_dot"]})
     if bad:
         out.append(f"half-precision dot not lowered to {a['half_dot']}: {', '.join(bad)}")
@@ -472,8 +500,6 @@ def notes(row: dict) -> list[str]:
     if not row["ok"]:
         return []
     out = []
-    if not row["default"] and (row.get("spill_st", 0) or row.get("spill_ld", 0)):
-        out.append(f"spills {row['spill_st']}/{row['spill_ld']} B (API only)")
     if any(d["kind"] == "fma" for d in row["dots"]):
         out.append("fp32 dots on FMAs (IEEE)")
     if row["waves"] and min(row["waves"]) < 1.0:
@@ -532,7 +558,8 @@ def check(records: list[dict], targets: list[int], out_dir: Path, jobs: int) -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default="90,80", help="compute capabilities, comma separated (default 90,80)")
-    ap.add_argument("--quick", action="store_true", help="only the default paths (what CI runs)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the default paths and every attention head dim; not the other API-only cases")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
     ap.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()) / "fastwsss-compile-check")
     ap.add_argument("--from-capture", type=Path, help="compile the launches recorded in this file (skip the capture)")

@@ -24,12 +24,19 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import PermutohedralLattice, masked_key_attention, par, token_affinity_loss, varlen_attention
+from . import (
+    PermutohedralLattice,
+    masked_key_attention,
+    masked_key_attention_reasons,
+    par_reasons,
+    par_refine,
+    permutohedral_reasons,
+    token_affinity_loss,
+    token_affinity_reasons,
+    varlen_attention,
+    varlen_attention_reasons,
+)
 from ._backend import HAS_TRITON, INTERPRET
-from .affinity.api import triton_reasons as affinity_reasons
-from .attention.api import masked_key_attention_reasons, varlen_attention_reasons
-from .lattice.api import triton_reasons as lattice_reasons
-from .par.api import triton_reasons as par_reasons
 from .testing import DEVICE, error
 
 
@@ -159,7 +166,7 @@ def run_affinity(inputs, backend):
 def run_par(inputs, backend):
     images, masks = inputs
     with torch.no_grad():  # the Triton PAR is forward-only: training runs it without grad
-        return {"refined": par(images, masks, backend=backend)}
+        return {"refined": par_refine(images, masks, backend=backend)}
 
 
 def run_lattice(inputs, backend):
@@ -175,9 +182,11 @@ OPS: dict[str, tuple[Callable, Callable, Callable, dict]] = {
                              {torch.float32: 2e-4, torch.bfloat16: 8e-2}),
     "varlen_attention": (varlen_inputs, run_varlen, lambda a: varlen_attention_reasons(*a),
                          {torch.float32: 2e-4, torch.bfloat16: 8e-2}),
-    "token_affinity_loss": (affinity_inputs, run_affinity, lambda a: affinity_reasons(*a), {torch.float32: 2e-4}),
-    "par": (par_inputs, run_par, lambda a: par_reasons(*a), {torch.float32: 2e-4}),
-    "PermutohedralLattice": (lattice_inputs, run_lattice, lambda a: lattice_reasons(*a), {torch.float32: 2e-4}),
+    "token_affinity_loss": (affinity_inputs, run_affinity, lambda a: token_affinity_reasons(*a),
+                            {torch.float32: 2e-4}),
+    "par_refine": (par_inputs, run_par, lambda a: par_reasons(*a), {torch.float32: 2e-4}),
+    "PermutohedralLattice": (lattice_inputs, run_lattice, lambda a: permutohedral_reasons(a[0], values=a[1]),
+                             {torch.float32: 2e-4}),
 }
 SMALL_TOL = 2e-4  # fp32 at the small shapes: IEEE dots, only the summation order differs from the reference
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,13 @@ def test_every_kernel_compiles_within_the_budgets(tmp_path):
     assert {r["target"] for r in rows} == {80, 90}
     for r in rows:
         assert r["ok"] and not r["failures"], r
-        if r["default"]:
-            assert r["spill_st"] == r["spill_ld"] == 0, r
+        assert r["spill_st"] == r["spill_ld"] == 0, r  # default paths and API-only ones alike
+    # both attention APIs at every head dim the API accepts: every BLOCK_D (16 .. 256) in every dtype, both targets
+    for kernel in [k for k in KERNELS if "attention" in k]:
+        tiles = {(re.search(r"BLOCK_D=(\d+)", r["short"]).group(1), d, r["target"]) for r in rows
+                 if r["kernel"] == kernel for d in r["dtypes"]}
+        assert tiles == {(str(b), d, t) for b in (16, 32, 64, 128, 256) for d in ("float32", "float16", "bfloat16")
+                         for t in (80, 90)}, (kernel, sorted(tiles))
     half = [d for r in rows if r["target"] == 90 for d in r["dots"] if d["in"] in ("f16", "bf16")]
     assert half and {d["kind"] for d in half} == {"wgmma"}
     assert (tmp_path / "results.md").read_text().count("\n") == len(rows) + 2
@@ -59,7 +65,7 @@ def _row(**kw) -> dict:
     (_row(shared=240 * 1024), ["shared memory"]),
     (_row(target=80, shared=170 * 1024), ["shared memory"]),  # fits sm_90, not sm_80
     (_row(spill_st=8, spill_ld=8), ["spills"]),
-    (_row(default=False, spill_st=8, spill_ld=8), []),  # API-only: a note, not a failure
+    (_row(default=False, spill_st=8, spill_ld=8), ["spills"]),  # API-only spills fail too
     (_row(dots=[{"kind": "mma.sync", "in": "bf16"}]), ["not lowered to wgmma"]),
     (_row(target=80, dots=[{"kind": "mma.sync", "in": "f16"}]), []),
     (_row(target=80, dots=[{"kind": "fma", "in": "bf16"}]), ["not lowered to mma.sync"]),
@@ -109,3 +115,17 @@ def test_a_spilling_kernel_fails_the_check(tmp_path):
     assert rows["BLOCK=64"]["spill_st"] > 0 and "spills" in rows["BLOCK=64"]["failures"][0]
     assert rows["BLOCK=32"]["failures"] == []
     assert "1 pass, 1 fail" in proc.stdout
+
+
+def test_the_attention_head_dims_reach_every_tile():
+    """The API cases' head dims land, once padded to a multiple of 16, on every BLOCK_D any head dim 1 .. 256 does,
+    and include the largest (the check then compiles every specialization a head dim makes)."""
+    from triton import next_power_of_2
+
+    from fastwsss.kernels.attention.api import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM
+
+    def block(d: int) -> int:
+        return max(16, next_power_of_2(-(-d // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE))
+
+    assert {block(d) for d in compile_check.API_HEAD_DIMS} == {block(d) for d in range(1, MAX_HEAD_DIM + 1)}
+    assert MAX_HEAD_DIM in compile_check.API_HEAD_DIMS and 1 in compile_check.API_HEAD_DIMS

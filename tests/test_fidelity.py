@@ -99,11 +99,11 @@ def test_a_checkpoint_of_the_biased_decoder_is_refused_clearly(tiny_config, tmp_
 def test_par_sees_the_quantised_image(monkeypatch, round_denorm):
     """The image refine_seg_label hands PAR is the reference's uint8 image / 255 (downsampled x2), truncated by
     default, rounded with quirks.round_denorm."""
-    import fastwsss.pseudo.labels  # refine_seg_label looks par up here
+    import fastwsss.pseudo.labels  # refine_seg_label looks par_refine up here
 
     seen = []
-    real_par = fastwsss.pseudo.labels.par
-    monkeypatch.setattr(fastwsss.pseudo.labels, "par",
+    real_par = fastwsss.pseudo.labels.par_refine
+    monkeypatch.setattr(fastwsss.pseudo.labels, "par_refine",
                         lambda img, masks, **kw: seen.append(img) or real_par(img, masks, **kw))
     from fastwsss.pseudo import refine_seg_label
 

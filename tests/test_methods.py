@@ -187,7 +187,7 @@ def test_seg_label_fusion_rule_and_box():
 def test_seg_label_batch_equals_per_image_channel_selection():
     """The batched label (present channels gathered into K slots) equals the reference's way: per image, keep
     background + that image's classes, softmax, PAR, argmax, map back to class indices."""
-    from fastwsss.kernels import par
+    from fastwsss.kernels import par_refine
 
     g = torch.Generator().manual_seed(0)
     B, C1, H, W = 5, 6, 16, 20
@@ -208,7 +208,7 @@ def test_seg_label_batch_equals_per_image_channel_selection():
             chans = torch.cat([torch.full((1, 1, H, W), bkg), cams[b:b + 1, keep[1:] - 1]], dim=1)
             chans = torch.nn.functional.interpolate(chans, size=(H // 2, W // 2), mode="bilinear",
                                                     align_corners=False).softmax(1)
-            r = par(img[b:b + 1], chans, dilations=(1, 2), num_iter=3, backend="torch")
+            r = par_refine(img[b:b + 1], chans, dilations=(1, 2), num_iter=3, backend="torch")
             r = torch.nn.functional.interpolate(r, size=(H, W), mode="bilinear", align_corners=False)
             labels.append(keep[r[0].argmax(0)])
         expected = labels[0].clone()

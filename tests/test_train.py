@@ -78,8 +78,8 @@ def test_methods_train_every_term(tiny_config, tmp_path, method):
         assert math.isfinite(record[term]), (term, record)
     # the backend each op ran with is in the run's log
     used = next(x for x in (tmp_path / "run" / "train.log").read_text().splitlines() if "kernel backends" in x)
-    ops = ["par", "PermutohedralLattice.filter", "token_affinity_sums"] + (["varlen_attention"] if method == "mcc"
-                                                                            else [])
+    ops = ["par_refine", "PermutohedralLattice.filter", "token_affinity_sums"] + (["varlen_attention"]
+                                                                                   if method == "mcc" else [])
     assert all(re.search(rf"[:,] {re.escape(op)} (torch|triton|torch\+triton)(,|$)", used) for op in ops), used
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX
 from ..data.transforms import denormalize_uint8
-from ..kernels import par
+from ..kernels import par_refine
 from ..kernels.par import DEFAULT_DILATIONS
 from ..runtime import fp32_arithmetic
 from .cams import cam_to_label, ignore_outside_box
@@ -64,7 +64,7 @@ def refine_seg_label(
     if par_num_iter:  # 0: no refinement (CoSA labels the resampled probabilities as they are)
         img = denormalize_uint8(images, round_levels=round_denorm).float() / 255.0
         img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
-        refined = par(img, refined, dilations=par_dilations, num_iter=par_num_iter, backend=par_backend)
+        refined = par_refine(img, refined, dilations=par_dilations, num_iter=par_num_iter, backend=par_backend)
     refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
     # max().indices, not argmax(): same first-maximum index, but torch's CPU argmax over dim 1 is ~10x slower
     label_high, label_low = (slots.gather(1, r.masked_fill(~used, -math.inf).max(dim=1).indices.flatten(1)).view(B, H, W)

@@ -58,8 +58,9 @@ def _backward(ctx, grad):
 _sums_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def triton_reasons(feats: Tensor, labels: Tensor) -> list[str]:
-    """Why the Triton path cannot take these inputs ([] = it can)."""
+def token_affinity_reasons(feats: Tensor, labels: Tensor) -> list[str]:
+    """Why the Triton path of ``token_affinity_loss`` / ``token_affinity_sums`` cannot take these (valid) inputs
+    ([] = it can)."""
     reasons = device_reasons(feats, labels)
     if feats.dtype not in TRITON_DTYPES:
         reasons.append(f"feats dtype {feats.dtype} (the kernels compute in float32; the reference runs {feats.dtype})")
@@ -92,7 +93,7 @@ def token_affinity_sums(feats: Tensor, labels: Tensor, absolute: bool = True, ig
     op = "token_affinity_sums"
     _check_inputs(op, feats, labels)
     _check_labels(op, labels, ignore_index, num_classes)
-    if resolve_backend(backend, op, triton_reasons(feats, labels), feats, labels) == "triton":
+    if resolve_backend(backend, op, token_affinity_reasons(feats, labels), feats, labels) == "triton":
         xhat = F.normalize(feats.float(), p=2, dim=-1, eps=1e-8).contiguous()  # [B, N, D] fp32, as the reference
         return _sums_op(xhat, labels.to(torch.int32).contiguous(), absolute, ignore_index)
     return token_affinity_sums_reference(feats, labels, absolute, ignore_index)

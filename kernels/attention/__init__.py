@@ -1,6 +1,13 @@
 """Masked-key self-attention: many key masks per image in one pass (MCC's local views), and its packed ragged form."""
 
-from .api import compact_keys, masked_key_attention, segment_ids, varlen_attention
+from .api import (
+    compact_keys,
+    masked_key_attention,
+    masked_key_attention_reasons,
+    segment_ids,
+    varlen_attention,
+    varlen_attention_reasons,
+)
 from .layer import (
     MaskedKeyAttention,
     attention_forward,
@@ -12,5 +19,5 @@ from .layer import (
 from .reference import masked_key_attention_ref, varlen_attention_ref
 
 __all__ = ["MaskedKeyAttention", "attention_forward", "block_forward", "compact_keys", "masked_key_attention",
-           "masked_key_attention_ref", "masked_self_attention", "packed_self_attention", "segment_ids",
-           "swap_attention", "varlen_attention", "varlen_attention_ref"]
+           "masked_key_attention_reasons", "masked_key_attention_ref", "masked_self_attention", "packed_self_attention",
+           "segment_ids", "swap_attention", "varlen_attention", "varlen_attention_reasons", "varlen_attention_ref"]

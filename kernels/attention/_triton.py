@@ -18,28 +18,37 @@ from .._backend import INTERPRET
 LOG2E = 1.4426950408889634
 
 
+# per (fp32, BLOCK_D): (BLOCK_Q, BLOCK_K, num_warps, num_stages) of the forward, dK/dV and dQ kernels. Chosen with
+# benchmarks/compile_check.py, which compiles every head dim (before -> after in README.md): no spills on sm_90 or
+# sm_80, shared memory within sm_80's 163 KB, and half-precision dots on wgmma (sm_90; every dot's M >= 64) / mma
+# (sm_80). fp32 runs IEEE dots on FMAs, whose operands hold a whole K-slice per thread: smaller tiles. tl.dot needs
+# every tile dim >= 16 to compile on a GPU.
+_TILES: dict[tuple[bool, int], dict[str, tuple]] = {
+    (False, 16): {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 8, 3), "dq": (64, 64, 8, 3)},
+    (False, 32): {"fwd": (64, 64, 4, 3), "dkdv": (64, 64, 8, 3), "dq": (64, 32, 8, 3)},
+    (False, 64): {"fwd": (64, 64, 4, 3), "dkdv": (64, 64, 8, 3), "dq": (64, 64, 8, 3)},
+    (False, 128): {"fwd": (64, 32, 4, 3), "dkdv": (64, 64, 8, 3), "dq": (64, 32, 8, 3)},
+    # dK, dV accumulators [64, 256] fp32 alone take 128 registers a thread: key-major, 16-query blocks
+    (False, 256): {"fwd": (64, 32, 8, 3), "dkdv": (16, 64, 8, 3), "dq": (64, 16, 8, 3)},
+    (True, 16): {"fwd": (32, 32, 8, 3), "dkdv": (32, 32, 8, 3), "dq": (32, 16, 4, 3)},
+    (True, 32): {"fwd": (32, 32, 8, 3), "dkdv": (32, 32, 8, 3), "dq": (32, 32, 4, 3)},
+    (True, 64): {"fwd": (32, 32, 8, 3), "dkdv": (32, 32, 8, 3), "dq": (32, 32, 4, 3)},
+    (True, 128): {"fwd": (32, 16, 8, 3), "dkdv": (16, 16, 8, 3), "dq": (16, 32, 8, 2)},
+    (True, 256): {"fwd": (16, 16, 4, 3), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 8, 4)},
+}
+# (fp32, BLOCK_D) whose dK/dV kernels run key-major (KEY_MAJOR): every dot's M is then the key block, so the query
+# block can drop below wgmma's 64 where registers are short
+_KEY_MAJOR = {(False, 16), (False, 256)}
+
+
 def _configs(head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
-    """Tiles, warps and pipeline stages of the forward, dK/dV and dQ kernels, chosen with
-    benchmarks/compile_check.py (before -> after in README.md): no spills on the training path (head dim 64), shared
-    memory within sm_80's 163 KB, and half-precision dots on wgmma (sm_90; every dot's M >= 64) / mma (sm_80).
-    fp32 runs IEEE dots on FMAs, whose operands hold a whole K-slice per thread: smaller tiles. tl.dot needs every
-    tile dim >= 16 to compile on a GPU."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if dtype == torch.float32:
-        if block_d <= 64:
-            fwd, dkdv, dq = (32, 32, 8, 3), (32, 32, 8, 3), (32, 32, 4, 3)
-        elif block_d <= 128:
-            fwd, dkdv, dq = (32, 16, 8, 3), (16, 16, 8, 3), (16, 32, 8, 3)
-        else:
-            fwd, dkdv, dq = (16, 16, 4, 3), (16, 16, 4, 1), (16, 16, 8, 3)
-    elif block_d <= 64:
-        fwd, dkdv, dq = (64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 8, 3)
-    elif block_d <= 128:
-        fwd, dkdv, dq = (64, 32, 4, 3), (64, 64, 8, 3), (64, 32, 8, 3)
-    else:  # dK, dV accumulators [64, 256] fp32 alone take 128 registers a thread: one stage to fit shared memory
-        fwd, dkdv, dq = (64, 32, 8, 3), (64, 64, 8, 1), (64, 16, 8, 3)
-    return {name: {"BLOCK_Q": bq, "BLOCK_K": bk, "BLOCK_D": block_d, "num_warps": w, "num_stages": st}
-            for name, (bq, bk, w, st) in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq))}
+    """Tiles, warps and pipeline stages of the forward, dK/dV (and its KEY_MAJOR) and dQ kernels at this head dim (the
+    API pads it to a multiple of 16) and dtype."""
+    key = (dtype == torch.float32, max(16, triton.next_power_of_2(head_dim)))
+    out = {name: {"BLOCK_Q": bq, "BLOCK_K": bk, "BLOCK_D": key[1], "num_warps": w, "num_stages": st}
+           for name, (bq, bk, w, st) in _TILES[key].items()}
+    out["dkdv"]["KEY_MAJOR"] = key in _KEY_MAJOR
+    return out
 
 
 def _launch_opts(dtype: torch.dtype) -> dict:
@@ -61,8 +70,15 @@ def masked_out_buffer(q: Tensor, num_masks: int) -> Tensor:
 
 
 def _row_view(t: Tensor) -> Tensor:
-    """Kernels read rows with explicit strides but assume a unit stride along the head dim."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """Kernels read rows with explicit strides, assuming a unit stride along the head dim. With a head dim that is a
+    multiple of 16 (the API pads to one), rows that do not start at 16-byte-aligned addresses with strides divisible
+    by 16 (a slice, an odd layout) are copied, so each launch gets Triton's aligned specialisation (vectorised loads;
+    the one the compile check compiles)."""
+    if t.stride(-1) != 1:
+        return t.contiguous()
+    if t.shape[-1] % 16 == 0 and (t.data_ptr() % 16 or any(s % 16 for s in t.stride()[:-1])):
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 @triton.jit
@@ -139,11 +155,22 @@ def _score_grads(s, v, do, lse, delta, ok, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_step(q, k, v, do, lse, delta, ok, dk, dv, qk_scale, DOT_PRECISION: tl.constexpr):
-    """Add one query block's contribution to a key block's dK (w.r.t. the scaled scores) and dV."""
-    p, ds = _score_grads(_scores(q, k, qk_scale, DOT_PRECISION), v, do, lse, delta, ok, DOT_PRECISION)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+def _dkdv_step(q, k, v, do, lse, delta, ok, dk, dv, qk_scale, DOT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """Add one query block's contribution to a key block's dK (w.r.t. the scaled scores) and dV; ok: the pairs that may
+    attend. KEY_MAJOR: Sᵀ, Pᵀ, dPᵀ, dSᵀ (and ok) are [key block, query block] tiles, so that every dot's M is the key
+    block (wgmma needs M >= 64) and the query block may be smaller than 64 where registers are short (_configs);
+    else [query block, key block]."""
+    if KEY_MAJOR:
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.where(ok, tl.exp2(s_t - lse[None, :]), 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = tl.where(ok, p_t * (dp_t - delta[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    else:
+        p, ds = _score_grads(_scores(q, k, qk_scale, DOT_PRECISION), v, do, lse, delta, ok, DOT_PRECISION)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -209,7 +236,7 @@ def masked_key_attention_bwd_dkdv_kernel(
     stride_dob, stride_dom, stride_doh, stride_don,
     M, H, N, D, qk_scale, scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):
     """Program (b·M·H + m·H + h, visible-key block): that block's dK, dV under mask m, summed over every query;
     stored at the keys' compact positions of mask m in DK_PART / DV_PART [B, M, H, N, D] fp32. A program past the
@@ -239,8 +266,8 @@ def masked_key_attention_bwd_dkdv_kernel(
             q, do = _load_pair(q_base, do_base, offs_q, stride_qn, stride_don, offs_d, q_ok[:, None] & d_ok[None, :],
                                UPCAST)
             lse, delta = _load_lse_delta(LSE + pid * N + offs_q, DELTA + pid * N + offs_q, q_ok)
-            dk, dv = _dkdv_step(q, k, v, do, lse, delta, q_ok[:, None] & k_ok[None, :], dk, dv, qk_scale,
-                                DOT_PRECISION)
+            ok = k_ok[:, None] & q_ok[None, :] if KEY_MAJOR else q_ok[:, None] & k_ok[None, :]
+            dk, dv = _dkdv_step(q, k, v, do, lse, delta, ok, dk, dv, qk_scale, DOT_PRECISION, KEY_MAJOR)
         part = (pid * N + offs_k)[:, None] * D + offs_d[None, :]
         tl.store(DK_PART + part, dk * scale, mask=kv_mask)
         tl.store(DV_PART + part, dv, mask=kv_mask)
@@ -283,17 +310,36 @@ def masked_key_attention_bwd_kernel(
                           dq, DOT_PRECISION)
     out_rows = (pid * N + offs_q)[:, None] * D + offs_d[None, :]  # DQ, DK, DV: contiguous [B, H, N, D]
     tl.store(DQ + out_rows, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
-    dk = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    if BLOCK_D > 128:  # dK then dV, one accumulator at a time: two [64, 256] fp32 ones at once spilled
+        _sum_partials(DK_PART, DK, KEY_POS, out_rows, q_mask, offs_q, q_ok, offs_d, d_ok, b, h, M, H, N, D, BLOCK_Q,
+                      BLOCK_D)
+        _sum_partials(DV_PART, DV, KEY_POS, out_rows, q_mask, offs_q, q_ok, offs_d, d_ok, b, h, M, H, N, D, BLOCK_Q,
+                      BLOCK_D)
+    else:
+        dk = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        for m in range(M):
+            bm = b * M + m
+            pos = tl.load(KEY_POS + bm * N + offs_q, mask=q_ok, other=-1).to(tl.int64)  # -1: hidden in mask m
+            part = ((bm * H + h) * N + pos)[:, None] * D + offs_d[None, :]
+            seen = (pos >= 0)[:, None] & d_ok[None, :]
+            dk += tl.load(DK_PART + part, mask=seen, other=0.0)
+            dv += tl.load(DV_PART + part, mask=seen, other=0.0)
+        tl.store(DK + out_rows, dk.to(DK.dtype.element_ty), mask=q_mask)
+        tl.store(DV + out_rows, dv.to(DV.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _sum_partials(PART, OUT, KEY_POS, out_rows, q_mask, offs_q, q_ok, offs_d, d_ok, b, h, M, H, N, D,
+                  BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT rows of a token block = the sum, in mask order, of the per-mask partials PART of the masks that see them."""
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for m in range(M):
         bm = b * M + m
         pos = tl.load(KEY_POS + bm * N + offs_q, mask=q_ok, other=-1).to(tl.int64)  # -1: hidden in mask m
         part = ((bm * H + h) * N + pos)[:, None] * D + offs_d[None, :]
-        seen = (pos >= 0)[:, None] & d_ok[None, :]
-        dk += tl.load(DK_PART + part, mask=seen, other=0.0)
-        dv += tl.load(DV_PART + part, mask=seen, other=0.0)
-    tl.store(DK + out_rows, dk.to(DK.dtype.element_ty), mask=q_mask)
-    tl.store(DV + out_rows, dv.to(DV.dtype.element_ty), mask=q_mask)
+        acc += tl.load(PART + part, mask=(pos >= 0)[:, None] & d_ok[None, :], other=0.0)
+    tl.store(OUT + out_rows, acc.to(OUT.dtype.element_ty), mask=q_mask)
 
 
 def _qkv_strides(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
@@ -418,7 +464,7 @@ def varlen_attention_bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     T, H, D, qk_scale, scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):
     """Program (key tile, h): dK, dV of a tile of packed keys, summed over the queries of their sequences.
     Every key belongs to one tile: written once, no atomics."""
@@ -435,8 +481,8 @@ def varlen_attention_bwd_dkdv_kernel(
         q, do = _load_pair(Q + h * stride_qh, DO + h * stride_doh, offs_q, stride_qt, stride_dot, offs_d,
                            q_ok[:, None] & d_ok[None, :], UPCAST)
         lse, delta = _load_lse_delta(LSE + offs_q * H + h, DELTA + offs_q * H + h, q_ok)
-        dk, dv = _dkdv_step(q, k, v, do, lse, delta, seg_q[:, None] == seg_k[None, :], dk, dv, qk_scale,
-                            DOT_PRECISION)
+        ok = seg_k[:, None] == seg_q[None, :] if KEY_MAJOR else seg_q[:, None] == seg_k[None, :]
+        dk, dv = _dkdv_step(q, k, v, do, lse, delta, ok, dk, dv, qk_scale, DOT_PRECISION, KEY_MAJOR)
     rows = (offs_k * H + h)[:, None] * D + offs_d[None, :]  # DK, DV: contiguous [T, H, D]
     tl.store(DK + rows, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=kv_mask)

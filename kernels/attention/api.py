@@ -11,12 +11,25 @@ from collections.abc import Callable
 from itertools import pairwise
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import TRITON_DTYPES, check_devices, device_reasons, resolve_backend
 from .reference import masked_key_attention_ref, varlen_attention_ref
 
 MAX_HEAD_DIM = 256
+HEAD_DIM_MULTIPLE = 16  # what the kernels are given: see _padded_head_dim
+
+
+def _padded_head_dim(*ts: Tensor) -> tuple[Tensor, ...]:
+    """q, k, v with the head dim zero-padded to a multiple of 16 (unchanged when it is one). Zero columns change no
+    score q·k, and the output's extra columns (0) are sliced off, so the result is the same; the gain is that every
+    row stride the kernels see is a multiple of 16 elements and Triton vectorises the row loads. With a ragged head
+    dim (e.g. 47) the strides are not, every element then needs its own 64-bit address, and at head dims > 32 the
+    kernels spilled (the compile check, which compiles every head dim). The kernels' tiles pad to next_pow2(D)
+    anyway, so this costs one copy of q, k, v, and only for such head dims."""
+    pad = -ts[0].shape[-1] % HEAD_DIM_MULTIPLE
+    return ts if pad == 0 else tuple(F.pad(t, (0, pad)) for t in ts)
 
 
 def _kernel_reasons(q: Tensor, *others: Tensor) -> list[str]:
@@ -142,7 +155,7 @@ def masked_key_attention(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor, scal
     if resolve_backend(backend, op, masked_key_attention_reasons(q, k, v, key_keep), q) == "torch":
         return masked_key_attention_ref(q, k, v, key_keep, scale)
     key_idx, counts = compact_keys(key_keep)
-    return _masked_fwd(q, k, v, key_idx, counts, scale)[0]
+    return _masked_fwd(*_padded_head_dim(q, k, v), key_idx, counts, scale)[0][..., :q.shape[-1]]
 
 
 # ---- packed sequences (block-diagonal attention)
@@ -191,4 +204,4 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale:
     if resolve_backend(backend, op, varlen_attention_reasons(q, k, v, cu_seqlens), q) == "torch":
         return varlen_attention_ref(q, k, v, cu_seqlens, scale)
     seg = segment_ids(cu_seqlens, q.shape[0])
-    return _varlen_fwd(q, k, v, seg, cu_seqlens.to(torch.int32), scale)[0]
+    return _varlen_fwd(*_padded_head_dim(q, k, v), seg, cu_seqlens.to(torch.int32), scale)[0][..., :q.shape[-1]]

@@ -1,5 +1,6 @@
-"""timm drop-in self-attention with key masks, and the functions that run any timm-style ``Attention`` module
-(``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``norm``, ``gate``, ``proj``, ``proj_drop``) through the kernels.
+"""timm drop-in self-attention with key masks, the functions that run any timm-style ``Attention`` module
+(``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``norm``, ``gate``, ``proj``, ``proj_drop``) through the kernels, and
+``block_forward``, a timm ``Block`` with the drop-in's key masks or packed sequences.
 
 No timm import: the layer keeps timm ``Attention``'s constructor, parameter names and forward signature, so
 ``timm.create_model(..., attn_layer=MaskedKeyAttention)`` works and timm checkpoints load; ``swap_attention``
@@ -92,8 +93,10 @@ def attention_forward(attn: nn.Module, x: Tensor, attn_mask: Tensor | None = Non
     key_keep [B, N] or [B, M, N] bool (True = visible key; M masks over the same tokens in one pass) or a boolean
     key-only attn_mask [B or 1, 1, 1, N] take the Triton kernel; other masks, ``is_causal`` and attention dropout
     in training take timm's computation (``backend="auto"``) or raise with the reasons (``backend="triton"``).
-    With no mask and the torch backend the result is timm's, bit for bit. A query whose mask hides every key gets
-    0 from the kernel path.
+    With no mask at all, ``backend="auto"`` takes timm's computation too (SDPA, i.e. FlashAttention on a GPU, is
+    the tool for unmasked attention; the kernel is for key masks) and so does ``"torch"``: the result is timm's,
+    bit for bit. ``backend="triton"`` still runs the kernel, with every key visible. A query whose mask hides every
+    key gets 0 from the kernel path.
     """
     op = f"{type(attn).__name__} attention"
     B, N, _ = x.shape
@@ -116,7 +119,8 @@ def attention_forward(attn: nn.Module, x: Tensor, attn_mask: Tensor | None = Non
             reasons.append(f"attn_mask {attn_mask.dtype} {tuple(attn_mask.shape)} is not a boolean key mask "
                            "[B or 1, 1, 1, N]")
     reasons += _module_reasons(attn) + masked_key_attention_reasons(q, k, v, keep)
-    if resolve_backend(backend, op, reasons, x) == "triton":
+    unmasked = key_keep is None and attn_mask is None and not is_causal
+    if resolve_backend("torch" if unmasked and backend == "auto" else backend, op, reasons, x) == "triton":
         o = masked_key_attention(q, k, v, x.new_ones(B, 1, N, dtype=torch.bool) if keep is None else keep,
                                  attn.scale, backend="triton")  # [B, M, H, N, Dh]
     elif key_keep is None:
@@ -138,6 +142,8 @@ def packed_self_attention(attn: nn.Module, x: Tensor, cu_seqlens: Tensor, backen
     """Packed sequences x [T, C] (sequence s = rows cu_seqlens[s] : cu_seqlens[s + 1]) -> [T, C_out]: each token
     attends to its own sequence only, through a timm-style attention module's weights."""
     op = f"{type(attn).__name__} packed attention"
+    if x.ndim != 2:
+        raise ValueError(f"{op}: x must be packed sequences [T, C], got shape {tuple(x.shape)}")
     T = x.shape[0]
     if errors := check_devices(x=x, cu_seqlens=cu_seqlens):
         raise ValueError(f"{op}: " + "; ".join(errors))
@@ -158,8 +164,11 @@ def packed_self_attention(attn: nn.Module, x: Tensor, cu_seqlens: Tensor, backen
 
 class MaskedKeyAttention(nn.Module):
     """timm ``Attention`` with Triton masked-key attention: same constructor, parameter names and forward
-    signature, plus ``forward(..., key_keep=)`` ([B, N] or [B, M, N] bool, True = visible key). ``backend``
-    ("auto" | "triton" | "torch") plays the role of timm's ``fused_attn``; see :func:`attention_forward`."""
+    signature, plus ``forward(..., key_keep=)`` ([B, N] or [B, M, N] bool, True = visible key) and
+    ``forward(x, cu_seqlens=)`` (packed sequences x [T, C], block-diagonal attention: :func:`packed_self_attention`).
+    ``backend`` ("auto" | "triton" | "torch") plays the role of timm's ``fused_attn``; see :func:`attention_forward`
+    (with "auto", key masks take the kernel, unmasked calls timm's own SDPA). :func:`block_forward` runs a whole
+    timm ``Block`` around it with these inputs."""
 
     def __init__(
         self,
@@ -225,11 +234,56 @@ class MaskedKeyAttention(nn.Module):
         return new.train(attn.training)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                key_keep: Tensor | None = None) -> Tensor:
-        return attention_forward(self, x, attn_mask, is_causal, key_keep, self.backend)
+                key_keep: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+        if cu_seqlens is None:
+            return attention_forward(self, x, attn_mask, is_causal, key_keep, self.backend)
+        if attn_mask is not None or is_causal or key_keep is not None:
+            raise ValueError(f"{type(self).__name__}: cu_seqlens (packed sequences) takes no attn_mask, is_causal or "
+                             "key_keep: the sequences are the mask")
+        return packed_self_attention(self, x, cu_seqlens, self.backend)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
+
+
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+def block_forward(block: nn.Module, x: Tensor, *, key_keep: Tensor | None = None,
+                  cu_seqlens: Tensor | None = None) -> Tensor:
+    """Run a pre-norm timm ``Block`` whose ``attn`` is a :class:`MaskedKeyAttention`, handing the attention its extra
+    inputs: ``x + drop_path1(ls1(attn(norm1(x), ...)))``, then ``x + drop_path2(ls2(mlp(norm2(x))))``.
+
+    - ``key_keep`` [B, M, N] bool (True = visible key): x [B, N, C] -> [B, M, N, C], the M masks over the same tokens
+      in one attention call (q, k, v projected once); the residual broadcasts x over the masks, and norm2 / mlp run
+      on every mask's tokens. [B, N] -> [B, N, C] (one mask).
+    - ``cu_seqlens`` [S + 1] int: packed sequences x [T, C] -> [T, C], each token attending within its own sequence
+      (block-diagonal attention); everything else in the block is per token.
+    - Neither: ``block(x)``, bit for bit.
+
+    The backend is the attention's ``backend`` attribute. Drop path in training would draw per image (shared by its
+    M masks) or per packed token, not per view as separate runs do: refused with a drop probability > 0.
+    """
+    if key_keep is None and cu_seqlens is None:
+        return block(x)
+    if key_keep is not None and cu_seqlens is not None:
+        raise ValueError("block_forward: pass key_keep or cu_seqlens, not both")
+    if missing := [name for name in _BLOCK_PARTS if not hasattr(block, name)]:
+        raise TypeError(f"block_forward: {type(block).__name__} is not a pre-norm timm Block (no {', '.join(missing)})")
+    if not isinstance(block.attn, MaskedKeyAttention):
+        raise TypeError(f"block_forward: block.attn is {type(block.attn).__name__}, key_keep / cu_seqlens need a "
+                        "MaskedKeyAttention (swap_attention(model), or timm.create_model(..., "
+                        "attn_layer=MaskedKeyAttention))")
+    drops = [p for p in (getattr(block.drop_path1, "drop_prob", 0.0), getattr(block.drop_path2, "drop_prob", 0.0))
+             if p > 0]
+    if block.training and drops:
+        raise ValueError(f"block_forward: drop path p={drops[0]} in training draws per image (key_keep) or per packed "
+                         "token (cu_seqlens), not per view")
+    attn_out = block.attn(block.norm1(x), key_keep=key_keep, cu_seqlens=cu_seqlens)
+    if key_keep is not None and key_keep.ndim == 3:
+        x = x[:, None]  # [B, 1, N, C]: broadcast over the M masks of attn_out [B, M, N, C]
+    x = x + block.drop_path1(block.ls1(attn_out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 def _is_timm_attention(m: nn.Module) -> bool:
@@ -245,18 +299,3 @@ def swap_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
                 setattr(module, name, MaskedKeyAttention.from_attention(child, backend))
     return model
 
-
-def block_forward(block: nn.Module, x: Tensor, *, key_keep: Tensor | None = None,
-                  cu_seqlens: Tensor | None = None) -> Tensor:
-    """A timm ``Block`` whose ``attn`` is a :class:`MaskedKeyAttention`, with the attention's extra inputs:
-    ``key_keep`` [B, M, N] (M masks over x's tokens: the result is [B, M, N, C]) or ``cu_seqlens`` (packed
-    sequences x [T, C]). With neither it is ``block(x)``."""
-    if key_keep is not None:
-        a = block.attn(block.norm1(x), key_keep=key_keep)
-        x = x[:, None] if a.ndim == x.ndim + 1 else x
-    elif cu_seqlens is not None:
-        a = packed_self_attention(block.attn, block.norm1(x), cu_seqlens, block.attn.backend)
-    else:
-        return block(x)
-    x = x + block.drop_path1(block.ls1(a))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

@@ -8,7 +8,7 @@ from .._backend import TRITON_DTYPES, check_devices, device_reasons, resolve_bac
 from .reference import PermutohedralLattice as ReferenceLattice
 from .reference import check_values
 
-__all__ = ["PermutohedralLattice", "permutohedral_filter"]
+__all__ = ["PermutohedralLattice", "permutohedral_filter", "permutohedral_reasons"]
 
 _MAX_FEATURES = 14  # = _triton.MAX_FEATURES (not imported: importing _triton imports triton)
 
@@ -19,12 +19,12 @@ def _feature_count_reasons(features: torch.Tensor) -> list[str]:
     return [f"{features.shape[1]} feature channels (the Triton lattice takes at most {_MAX_FEATURES})"]
 
 
-def _feature_reasons(features: torch.Tensor) -> list[str]:
-    return device_reasons(features) + _feature_count_reasons(features)
-
-
-def triton_reasons(features: torch.Tensor, values: torch.Tensor) -> list[str]:
-    """Why the Triton lattice cannot filter these values with these features ([] = it can)."""
+def permutohedral_reasons(features: torch.Tensor, *, values: torch.Tensor | None = None) -> list[str]:
+    """Why the Triton lattice (``PermutohedralLattice``, ``permutohedral_filter``) cannot be built on these features,
+    or, given ``values``, filter them ([] = it can). ``values`` is keyword-only: ``permutohedral_filter`` takes
+    (values, features), the lattice (features) then values, and a swapped pair would be judged without an error."""
+    if values is None:
+        return device_reasons(features) + _feature_count_reasons(features)
     return device_reasons(features, values) + _feature_count_reasons(features) + _value_reasons(values)
 
 
@@ -80,7 +80,7 @@ class PermutohedralLattice:
         if features.shape[1] < 1:
             raise ValueError("features need at least one channel")
         self.requested_backend = backend
-        self.backend = resolve_backend(backend, "PermutohedralLattice", _feature_reasons(features), features)
+        self.backend = resolve_backend(backend, "PermutohedralLattice", permutohedral_reasons(features), features)
         if self.backend == "triton":
             from ._triton import TritonLattice
 
@@ -120,5 +120,6 @@ def permutohedral_filter(values: torch.Tensor, features: torch.Tensor, backend: 
         raise ValueError(f"values and features must be 4-d, got {tuple(values.shape)} and {tuple(features.shape)}")
     if errors := check_devices(values=values, features=features):
         raise ValueError("permutohedral_filter: " + "; ".join(errors))
-    backend = resolve_backend(backend, "permutohedral_filter", triton_reasons(features, values), features, values)
+    backend = resolve_backend(backend, "permutohedral_filter", permutohedral_reasons(features, values=values), features,
+                              values)
     return PermutohedralLattice(features, backend=backend).filter(values)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._backend import TRITON_DTYPES, check_devices, device_reasons, resolve_backend
-from .reference import DEFAULT_DILATIONS, _resize, par_affinity_reference, par_propagate_reference, par_reference
+from .reference import DEFAULT_DILATIONS, _resize, par_affinity_reference, par_propagate_reference, par_refine_reference
 
 
 @torch.library.custom_op("fastwsss::par_affinity", mutates_args=())
@@ -38,8 +38,9 @@ def _(affinity, masks, dilations, num_iter):
     return torch.empty_like(masks)
 
 
-def triton_reasons(*tensors: Tensor) -> list[str]:
-    """Why the Triton PAR cannot take these inputs ([] = it can). The kernels are forward-only: training runs PAR
+def par_reasons(*tensors: Tensor) -> list[str]:
+    """Why the Triton path of the PAR ops (``par_refine``, ``par_affinity``, ``par_propagate``) cannot take these
+    inputs ([] = it can): the op's tensor arguments, in its order. The kernels are forward-only: training runs PAR
     under no_grad, and where a gradient is wanted the reference (differentiable) runs instead."""
     reasons = device_reasons(*tensors)
     for t in tensors:
@@ -89,7 +90,7 @@ def par_affinity(images: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS, w
     op = "par_affinity"
     _check_4d(op, "images", images)
     _check_dilations(op, dilations)
-    if resolve_backend(backend, op, triton_reasons(images), images) == "triton":
+    if resolve_backend(backend, op, par_reasons(images), images) == "triton":
         return _par_affinity_op(_fp32(images), list(dilations), float(w1), float(w2)).to(images.dtype)
     return par_affinity_reference(images, dilations, w1, w2)
 
@@ -113,20 +114,20 @@ def par_propagate(affinity: Tensor, masks: Tensor, dilations: Sequence[int] = DE
     if masks.shape[0] != affinity.shape[0]:
         raise ValueError(f"{op}: batch sizes differ: affinity {affinity.shape[0]}, masks {masks.shape[0]}")
     _check_devices(op, affinity=affinity, masks=masks)
-    if resolve_backend(backend, op, triton_reasons(affinity, masks), affinity, masks) == "triton":
+    if resolve_backend(backend, op, par_reasons(affinity, masks), affinity, masks) == "triton":
         out = _fp32(_resize(masks.to(torch.float32), tuple(affinity.shape[-2:])))
         return _par_propagate_op(_fp32(affinity), out, list(dilations), num_iter).to(masks.dtype)
     return par_propagate_reference(affinity, masks, dilations, num_iter)
 
 
-def par(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS, num_iter: int = 10,
-        w1: float = 0.3, w2: float = 0.01, backend: str = "auto") -> Tensor:
+def par_refine(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS, num_iter: int = 10,
+               w1: float = 0.3, w2: float = 0.01, backend: str = "auto") -> Tensor:
     """Pixel-adaptive refinement (AFA, CVPR 2022) of masks (CAMs) by the image, as in ToCo / MCC.
 
     images [B, 3, h, w] in [0, 1], masks [B, K, h', w'] -> refined masks [B, K, h, w] in the masks' dtype.
     Equals `par_propagate(par_affinity(images), masks)`, without rounding the affinity to the input dtype.
     """
-    op = "par"
+    op = "par_refine"
     _check_4d(op, "images", images)
     _check_4d(op, "masks", masks)
     _check_dilations(op, dilations)
@@ -134,8 +135,8 @@ def par(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATI
     if masks.shape[0] != images.shape[0]:
         raise ValueError(f"{op}: batch sizes differ: images {images.shape[0]}, masks {masks.shape[0]}")
     _check_devices(op, images=images, masks=masks)
-    if resolve_backend(backend, op, triton_reasons(images, masks), images, masks) == "triton":
+    if resolve_backend(backend, op, par_reasons(images, masks), images, masks) == "triton":
         aff = _par_affinity_op(_fp32(images), list(dilations), float(w1), float(w2))
         out = _fp32(_resize(masks.to(torch.float32), tuple(images.shape[-2:])))
         return _par_propagate_op(aff, out, list(dilations), num_iter).to(masks.dtype)
-    return par_reference(images, masks, dilations, num_iter, w1, w2)
+    return par_refine_reference(images, masks, dilations, num_iter, w1, w2)

@@ -120,8 +120,8 @@ def par_propagate_reference(affinity: Tensor, masks: Tensor, dilations: Sequence
     return _propagate(affinity.to(ct), out, dilations, num_iter).to(masks.dtype)
 
 
-def par_reference(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS, num_iter: int = 10,
-                  w1: float = 0.3, w2: float = 0.01) -> Tensor:
+def par_refine_reference(images: Tensor, masks: Tensor, dilations: Sequence[int] = DEFAULT_DILATIONS,
+                         num_iter: int = 10, w1: float = 0.3, w2: float = 0.01) -> Tensor:
     """images [B, C, h, w] (C = 3, RGB in [0, 1]), masks [B, K, h', w'] -> refined masks [B, K, h, w].
 
     Computes in promote_types(dtype, float32) throughout (the affinity is never rounded to the input dtype) and

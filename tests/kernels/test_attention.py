@@ -12,6 +12,7 @@ import torch
 from fastwsss.kernels import testing
 from fastwsss.kernels.attention import (
     MaskedKeyAttention,
+    block_forward,
     masked_key_attention,
     masked_key_attention_ref,
     swap_attention,
@@ -91,6 +92,10 @@ MASKED_CASES = [  # B, M, H, N, D, dtype, mask kind
     pytest.param(2, 3, 2, 70, 32, "fp32", "one-visible", id="B2-M3-H2-N70-D32-fp32-one-visible"),
     pytest.param(2, 3, 2, 70, 32, "fp16", "identical", id="B2-M3-H2-N70-D32-fp16-identical"),
     pytest.param(1, 2, 2, 70, 32, "fp32", "all-visible", id="B1-M2-H2-N70-D32-fp32-all-visible"),
+    # ragged head dims reach the kernels padded to a multiple of 16; half D <= 16 and D > 128 run dK/dV key-major
+    pytest.param(1, 3, 2, 40, 8, "fp16", "random", id="B1-M3-H2-N40-D8-fp16-key-major"),
+    pytest.param(1, 2, 1, 30, 200, "fp16", "random", id="B1-M2-H1-N30-D200-fp16-key-major"),
+    pytest.param(1, 2, 2, 30, 47, "fp32", "random", id="B1-M2-H2-N30-D47-fp32-padded"),
     pytest.param(2, 3, 2, 70, 32, "bf16", "random", id="B2-M3-H2-N70-D32-bf16", marks=gpu),
     pytest.param(1, 3, 2, 197, 64, "bf16", "one-visible", id="B1-M3-H2-N197-D64-bf16-one-visible", marks=gpu),
     pytest.param(4, 8, 12, 785, 64, "bf16", "random", id="B4-M8-H12-N785-D64-vit448-bf16", marks=gpu),
@@ -123,6 +128,8 @@ VARLEN_CASES = [  # sequence lengths, H, D, dtype
     pytest.param([1] * 5, 2, 16, "fp32", id="S5-T5-H2-D16-fp32-singletons"),
     pytest.param([197, 197], 2, 64, "fp32", id="S2-T394-H2-D64-vit224-fp32"),
     pytest.param([1 + (7 * i) % 23 for i in range(24)], 2, 64, "fp32", id="S24-mcc-views-H2-D64-fp32"),
+    pytest.param([1, 0, 39, 20, 3], 2, 8, "fp16", id="S5-T63-H2-D8-fp16-key-major"),
+    pytest.param([5, 30, 1], 1, 200, "fp16", id="S3-T36-H1-D200-fp16-key-major"),
     pytest.param([1, 0, 39, 100, 3, 70], 2, 32, "bf16", id="S6-T213-H2-D32-bf16", marks=gpu),
     pytest.param([1 + (13 * i) % 80 for i in range(32)] + [785] * 4, 12, 64, "bf16", id="S36-vit448-H12-D64-bf16",
                  marks=gpu),
@@ -166,6 +173,23 @@ def test_backward_is_deterministic():
     first, second = (torch.autograd.grad(masked_key_attention(q, k, v, keep, backend="triton"), (q, k, v), g)
                      for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_kernels_get_aligned_rows():
+    """What the launchers hand the kernels: rows at 16-byte-aligned addresses with strides divisible by 16 (Triton's
+    vectorised specialization, the one the compile check compiles), copied only where they are not."""
+    from fastwsss.kernels.attention._triton import _row_view
+
+    def aligned(t):
+        return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride()[:-1])
+
+    x = torch.randn(2, 3, 5, 80)
+    assert _row_view(x) is x
+    qkv = torch.randn(2, 5, 3, 3, 64).permute(2, 0, 3, 1, 4)  # timm's q, k, v views into one qkv buffer
+    assert all(_row_view(t) is t for t in qkv.unbind(0))
+    for odd in (x[..., 3:67], x[:, :, :, :64].transpose(2, 3).contiguous().transpose(2, 3)):
+        out = _row_view(odd)
+        assert aligned(out) and torch.equal(out, odd)
 
 
 def test_compact_keys_lists_visible_keys_first_in_order():
@@ -323,6 +347,29 @@ def test_layer_runs_many_masks_in_one_call(timm_vit):
     assert_close(layer(x, key_keep=keep[:, 1]), want[:, 1], 1e-5, "key_keep [B, N]")
 
 
+def test_unmasked_auto_takes_timms_attention(timm_vit, monkeypatch):
+    """No mask at all under backend="auto": timm's own computation (SDPA; FlashAttention on a GPU), bit for bit, and
+    recorded as "torch" (before: the masked-key kernel with every key visible, where the interpreter or a GPU can
+    run it); a key mask still takes the kernel, and backend="triton" still forces it without a mask."""
+    from fastwsss.kernels import _backend, backends_used
+
+    monkeypatch.setattr(_backend, "_used", {})
+    attn_ref = timm_vit().blocks[0].attn
+    layer = MaskedKeyAttention.from_attention(attn_ref)  # auto
+    op = "MaskedKeyAttention attention"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 18, 64, generator=gen).to(DEVICE)
+    assert torch.equal(layer(x), attn_ref(x))
+    assert backends_used(reset=True) == {op: "torch"}
+    keep = (torch.rand(2, 18, generator=gen) < 0.5).to(DEVICE)
+    keep[:, 0] = True
+    assert_close(layer(x, key_keep=keep), attn_ref(x, attn_mask=keep[:, None, None, :]), 1e-5, "key mask, auto")
+    assert backends_used(reset=True) == {op: "triton", "masked_key_attention": "triton"}
+    layer.backend = "triton"
+    assert_close(layer(x), attn_ref(x), 1e-5, "no mask, triton")
+    assert backends_used() == {op: "triton", "masked_key_attention": "triton"}
+
+
 def test_layer_falls_back_for_masks_it_cannot_take(timm_vit):
     attn_ref = timm_vit().blocks[0].attn
     layer = MaskedKeyAttention.from_attention(attn_ref)  # auto
@@ -337,6 +384,81 @@ def test_layer_falls_back_for_masks_it_cannot_take(timm_vit):
     layer.attn_drop.p = 0.1
     with pytest.raises(ValueError, match="attention dropout"):
         layer(x)
+
+
+# ---- block_forward: a whole timm Block with the drop-in's key masks or packed sequences
+
+
+def test_block_forward_without_extras_is_the_block(timm_vit):
+    """Neither key_keep nor cu_seqlens: block(x), and with "auto" timm's own block bit for bit."""
+    ref = timm_vit()
+    model = swap_attention(timm_vit())  # auto
+    x = torch.randn(2, 18, 64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    for blk_ref, blk in zip(ref.blocks, model.blocks, strict=True):
+        assert torch.equal(block_forward(blk, x), blk(x))
+        assert torch.equal(block_forward(blk, x), blk_ref(x))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_block_forward_many_masks_equals_one_run_per_mask(timm_vit, backend):
+    """key_keep [B, M, N] -> [B, M, N, C]: mask m equals timm's block under that key mask alone, and equals
+    block_forward with key_keep [B, N]; gradients w.r.t. x too."""
+    ref = timm_vit()
+    model = swap_attention(timm_vit(), backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 18, 64, generator=gen).to(DEVICE).requires_grad_()
+    keep = (torch.rand(2, 3, 18, generator=gen) < 0.5).to(DEVICE)
+    keep[..., :2] = True  # class and register token
+    keep[1, 2] = True  # a mask that hides nothing
+    blk, blk_ref = model.blocks[1], ref.blocks[1]
+    out = block_forward(blk, x, key_keep=keep)
+    assert out.shape == (2, 3, 18, 64)
+    want = torch.stack([blk_ref(x, attn_mask=keep[:, m, None, None, :]) for m in range(3)], dim=1)
+    assert_close(out, want, 1e-5, f"{backend}: masks in one call vs one timm run per mask")
+    each = torch.stack([block_forward(blk, x, key_keep=keep[:, m]) for m in range(3)], dim=1)
+    assert_close(out, each, 1e-5, f"{backend}: key_keep [B, M, N] vs [B, N] per mask")
+    g = torch.randn(out.shape, generator=gen).to(DEVICE)
+    (dx,), (dx_ref,) = torch.autograd.grad(out, x, g), torch.autograd.grad(want, x, g)
+    assert_close(dx, dx_ref, 5e-5, f"{backend}: dx")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_block_forward_packed_equals_one_run_per_sequence(timm_vit, backend):
+    """cu_seqlens: packed x [T, C] -> [T, C], each sequence as timm's block on it alone (empty and single-token
+    sequences included); the drop-in's forward(cu_seqlens=) is the attention part."""
+    ref = timm_vit()
+    model = swap_attention(timm_vit(), backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 1, 12, 0, 7]
+    seqs = [torch.randn(n, 64, generator=gen).to(DEVICE) for n in lengths]
+    packed = torch.cat(seqs)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    blk, blk_ref = model.blocks[0], ref.blocks[0]
+    out = block_forward(blk, packed, cu_seqlens=cu)
+    want = torch.cat([blk_ref(s[None])[0] for s in seqs if len(s)])
+    assert_close(out, want, 1e-5, f"{backend}: packed block vs one run per sequence")
+    attn = blk.attn(blk.norm1(packed), cu_seqlens=cu)
+    assert_close(attn, torch.cat([blk_ref.attn(blk_ref.norm1(s[None]))[0] for s in seqs if len(s)]), 1e-5,
+                 f"{backend}: packed attention")
+
+
+def test_block_forward_refuses_what_it_cannot_run(timm_vit):
+    ref = timm_vit()
+    x = torch.randn(2, 18, 64, device=DEVICE)
+    keep = torch.ones(2, 18, dtype=torch.bool, device=DEVICE)
+    cu = torch.tensor([0, 18, 36], device=DEVICE)
+    with pytest.raises(TypeError, match="need a MaskedKeyAttention"):
+        block_forward(ref.blocks[0], x, key_keep=keep)  # timm's own Attention takes no key_keep
+    blk = swap_attention(ref).blocks[0]
+    with pytest.raises(ValueError, match="not both"):
+        block_forward(blk, x, key_keep=keep, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="takes no attn_mask"):
+        blk.attn(x.flatten(0, 1), key_keep=keep, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="packed sequences"):
+        blk.attn(x, cu_seqlens=cu)
+    drop = swap_attention(timm_vit(drop_path_rate=0.1)).train().blocks[1]
+    with pytest.raises(ValueError, match="drop path"):
+        block_forward(drop, x, key_keep=keep)
 
 
 # ---- non-finite values: where they may go, on both backends

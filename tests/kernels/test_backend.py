@@ -8,17 +8,25 @@ import logging
 import pytest
 import torch
 
+import fastwsss.kernels as K
 from fastwsss.kernels import (
     PermutohedralLattice,
     _backend,
     backends_used,
     masked_key_attention,
-    par,
+    masked_key_attention_reasons,
+    par_affinity,
     par_propagate,
+    par_reasons,
+    par_refine,
     permutohedral_filter,
+    permutohedral_reasons,
     token_affinity_loss,
+    token_affinity_reasons,
     varlen_attention,
+    varlen_attention_reasons,
 )
+from fastwsss.kernels.testing import DEVICE
 
 LOGGER = "fastwsss.kernels"
 
@@ -97,7 +105,7 @@ def _two_device_calls(a: str, b: str):
         ("varlen_attention", lambda be: varlen_attention(t(6, 2, 8), t(6, 2, 8, dev=b), t(6, 2, 8), cu, backend=be)),
         ("varlen_attention", lambda be: varlen_attention(*(t(6, 2, 8) for _ in range(3)), cu.to(b), backend=be)),
         ("token_affinity_loss", lambda be: token_affinity_loss(t(1, 6, 4), labels, backend=be)),
-        ("par", lambda be: par(t(1, 3, 8, 8), t(1, 2, 8, 8, dev=b), backend=be)),
+        ("par_refine", lambda be: par_refine(t(1, 3, 8, 8), t(1, 2, 8, 8, dev=b), backend=be)),
         ("par_propagate", lambda be: par_propagate(t(1, 48, 8, 8, dev=b), t(1, 2, 8, 8), backend=be)),
         ("permutohedral_filter", lambda be: permutohedral_filter(t(1, 2, 8, 8), t(1, 3, 8, 8, dev=b), backend=be)),
         ("PermutohedralLattice.filter", lambda be: PermutohedralLattice(t(1, 3, 8, 8), backend=be
@@ -115,3 +123,45 @@ def test_two_devices_are_an_error_naming_the_tensors(backend):
             call(backend)
         msg = str(err.value)
         assert op.split(".")[0] in msg and "on cpu" in msg and "on meta" in msg, (op, msg)
+
+
+def _reasons_and_ops(dtype: torch.dtype, device):
+    """(name, the reasons of the inputs, the op on them with a backend) for every public ``<op>_reasons``."""
+    def t(*shape):
+        return torch.rand(*shape, dtype=dtype, device=device)
+
+    q, packed, img, masks = t(1, 2, 6, 8), t(6, 2, 8), t(1, 3, 8, 8), t(1, 2, 8, 8)
+    feats, vals = t(1, 3, 8, 8), t(1, 2, 8, 8)
+    keep = torch.ones(1, 2, 6, dtype=torch.bool, device=device)
+    cu = torch.tensor([0, 2, 6], device=device)
+    tokens, labels = t(1, 6, 4), torch.tensor([[0, 1, 1, 255, 0, 1]], device=device)
+    return [
+        ("masked_key_attention", masked_key_attention_reasons(q, q, q, keep),
+         lambda be: masked_key_attention(q, q, q, keep, backend=be)),
+        ("varlen_attention", varlen_attention_reasons(packed, packed, packed, cu),
+         lambda be: varlen_attention(packed, packed, packed, cu, backend=be)),
+        ("token_affinity_sums", token_affinity_reasons(tokens, labels),
+         lambda be: token_affinity_loss(tokens, labels, backend=be)),
+        ("par_refine", par_reasons(img, masks), lambda be: par_refine(img, masks, backend=be)),
+        ("par_affinity", par_reasons(img), lambda be: par_affinity(img, backend=be)),
+        ("permutohedral_filter", permutohedral_reasons(feats, values=vals),
+         lambda be: permutohedral_filter(vals, feats, backend=be)),
+    ]
+
+
+def test_every_reasons_function_is_public_and_says_what_triton_raises():
+    """``<op>_reasons`` are exported (before: ``triton_reasons`` in three api modules, not exported), give [] where the
+    Triton path runs, and otherwise exactly the reasons an explicit ``backend="triton"`` raises with."""
+    names = {"masked_key_attention_reasons", "varlen_attention_reasons", "token_affinity_reasons", "par_reasons",
+             "permutohedral_reasons"}
+    assert names <= set(K.__all__) and all(callable(getattr(K, n)) for n in names)
+    assert not any(hasattr(m, "triton_reasons") for m in (K.par.api, K.affinity.api, K.lattice.api))
+    for op, reasons, _ in _reasons_and_ops(torch.float32, DEVICE):
+        assert reasons == [], (op, reasons)
+    for op, reasons, call in _reasons_and_ops(torch.float64, "cpu"):
+        assert reasons and any("float64" in r for r in reasons), (op, reasons)
+        with pytest.raises(ValueError) as err:
+            call("triton")
+        assert str(err.value) == f"{op}: the Triton backend cannot take these inputs: " + "; ".join(reasons)
+    with pytest.raises(TypeError):  # values is keyword-only: (values, features) in permutohedral_filter's order fails
+        permutohedral_reasons(torch.rand(1, 2, 8, 8), torch.rand(1, 3, 8, 8))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastwsss.kernels.par import DEFAULT_DILATIONS, par, par_affinity, par_propagate
+from fastwsss.kernels.par import DEFAULT_DILATIONS, par_affinity, par_propagate, par_refine
 from fastwsss.kernels.testing import DEVICE, assert_close
 
 from parity import nan_filled
@@ -99,7 +99,7 @@ def test_matches_a_per_pixel_loop_including_the_border():
     want_aff, want = naive_par(image[0].tolist(), masks[0].tolist(), (1, 2), num_iter=2)
     aff = par_affinity(image, dilations=(1, 2))
     torch.testing.assert_close(aff[0].permute(1, 2, 0), torch.tensor(want_aff, dtype=torch.float64), rtol=0, atol=1e-12)
-    got = par(image, masks, dilations=(1, 2), num_iter=2)
+    got = par_refine(image, masks, dilations=(1, 2), num_iter=2)
     torch.testing.assert_close(got[0], torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
@@ -107,9 +107,9 @@ def test_matches_the_original_module():
     """Default dilations (24 > the 19x27 image: all-clamped neighbours), low-res masks, 10 iterations."""
     images, masks = rand(2, 3, 19, 27, seed=3), rand(2, 3, 5, 7, seed=4)
     want = original_par(images, masks, DEFAULT_DILATIONS, num_iter=10)
-    torch.testing.assert_close(par(images, masks), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(par_refine(images, masks), want, rtol=0, atol=1e-12)
     want32 = original_par(images.float(), masks.float(), DEFAULT_DILATIONS, num_iter=10)
-    torch.testing.assert_close(par(images.float(), masks.float()), want32, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(par_refine(images.float(), masks.float()), want32, rtol=1e-5, atol=1e-6)
 
 
 def test_constant_image_hits_the_eps_guard_without_nan():
@@ -120,61 +120,62 @@ def test_constant_image_hits_the_eps_guard_without_nan():
                         dtype=torch.float64)
     pos = torch.softmax(-(dist / (dist.std() + 1e-8) / 0.3) ** 2, dim=0)
     torch.testing.assert_close(aff[0], (1 / 48 + 0.01 * pos).view(48, 1, 1).expand(48, 6, 7), rtol=0, atol=1e-15)
-    out = par(images, torch.full((1, 2, 6, 7), 2.0, dtype=torch.float64), num_iter=3)
+    out = par_refine(images, torch.full((1, 2, 6, 7), 2.0, dtype=torch.float64), num_iter=3)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, torch.full_like(out, 2.0 * 1.01**3), rtol=1e-14, atol=0)
 
 
 def test_single_channel_and_zero_iterations():
     images, masks = rand(1, 3, 9, 10), rand(1, 1, 9, 10, seed=5)
-    out = par(images, masks, num_iter=4)
+    out = par_refine(images, masks, num_iter=4)
     assert out.shape == (1, 1, 9, 10)
-    torch.testing.assert_close(out, par(images, masks.expand(1, 3, 9, 10), num_iter=4)[:, :1], rtol=0, atol=0)
-    torch.testing.assert_close(par(images, masks, num_iter=0), masks, rtol=0, atol=0)
+    torch.testing.assert_close(out, par_refine(images, masks.expand(1, 3, 9, 10), num_iter=4)[:, :1], rtol=0, atol=0)
+    torch.testing.assert_close(par_refine(images, masks, num_iter=0), masks, rtol=0, atol=0)
 
 
 def test_low_resolution_masks_are_upsampled_with_align_corners():
     images, low = rand(2, 3, 16, 20), rand(2, 4, 4, 5, seed=6)
-    out = par(images, low, num_iter=3)
+    out = par_refine(images, low, num_iter=3)
     assert out.shape == (2, 4, 16, 20)
     up = F.interpolate(low, size=(16, 20), mode="bilinear", align_corners=True)
-    torch.testing.assert_close(out, par(images, up, num_iter=3), rtol=0, atol=0)
+    torch.testing.assert_close(out, par_refine(images, up, num_iter=3), rtol=0, atol=0)
     corners = (..., [[0], [-1]], [0, -1])  # align_corners=True keeps the corner values
-    torch.testing.assert_close(par(images, low, num_iter=0)[corners], low[corners], rtol=0, atol=1e-15)
+    torch.testing.assert_close(par_refine(images, low, num_iter=0)[corners], low[corners], rtol=0, atol=1e-15)
     half = F.interpolate(low, size=(16, 20), mode="bilinear", align_corners=False)
-    assert (out - par(images, half, num_iter=3)).abs().max() > 1e-3
+    assert (out - par_refine(images, half, num_iter=3)).abs().max() > 1e-3
     torch.testing.assert_close(out, par_propagate(par_affinity(images), low, num_iter=3), rtol=0, atol=1e-15)
 
 
 def test_batched_equals_per_image():
     images, masks = rand(3, 3, 11, 13), rand(3, 2, 11, 13, seed=7)
-    out = par(images, masks, num_iter=5)
+    out = par_refine(images, masks, num_iter=5)
     for i in range(3):
-        torch.testing.assert_close(out[i:i + 1], par(images[i:i + 1], masks[i:i + 1], num_iter=5), rtol=0, atol=0)
+        torch.testing.assert_close(out[i:i + 1], par_refine(images[i:i + 1], masks[i:i + 1], num_iter=5), rtol=0,
+                                   atol=0)
 
 
 def test_channels_are_refined_independently():
     images, m1, m2 = rand(2, 3, 12, 14), rand(2, 2, 12, 14, seed=8), rand(2, 3, 12, 14, seed=9)
-    both = par(images, torch.cat([m1, m2], dim=1))
-    torch.testing.assert_close(both[:, :2], par(images, m1), rtol=0, atol=1e-15)
-    torch.testing.assert_close(both[:, 2:], par(images, m2), rtol=0, atol=1e-15)
-    zeroed = par(images, torch.cat([m1[:, :1], torch.zeros_like(m1[:, 1:])], dim=1))
+    both = par_refine(images, torch.cat([m1, m2], dim=1))
+    torch.testing.assert_close(both[:, :2], par_refine(images, m1), rtol=0, atol=1e-15)
+    torch.testing.assert_close(both[:, 2:], par_refine(images, m2), rtol=0, atol=1e-15)
+    zeroed = par_refine(images, torch.cat([m1[:, :1], torch.zeros_like(m1[:, 1:])], dim=1))
     assert (zeroed[:, 1] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_in_same_dtype_out(dtype):
     images, masks = rand(1, 3, 14, 15, dtype=dtype), rand(1, 3, 7, 8, dtype=dtype, seed=10)
-    out = par(images, masks, backend="torch")
+    out = par_refine(images, masks, backend="torch")
     assert out.dtype == dtype and par_affinity(images, backend="torch").dtype == dtype
     assert par_propagate(par_affinity(images, backend="torch"), masks, backend="torch").dtype == dtype
     # same rounded inputs, computed in fp32: only the output rounding differs
-    want = par(images.float(), masks.float(), backend="torch")
+    want = par_refine(images.float(), masks.float(), backend="torch")
     torch.testing.assert_close(out.float(), want.to(dtype).float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("op, args", [
-    (par, lambda: (rand(1, 3, 4, 4), rand(1, 1, 4, 4))),
+    (par_refine, lambda: (rand(1, 3, 4, 4), rand(1, 1, 4, 4))),
     (par_affinity, lambda: (rand(1, 3, 4, 4),)),
     (par_propagate, lambda: (rand(1, 48, 4, 4), rand(1, 1, 4, 4))),
 ])
@@ -192,21 +193,21 @@ def test_bad_inputs_fail_clearly():
     with pytest.raises(ValueError, match="affinity has 48 channels"):
         par_propagate(rand(1, 48, 4, 4), rand(1, 1, 4, 4), dilations=(1, 2))
     with pytest.raises(ValueError, match="batch sizes differ"):
-        par(rand(2, 3, 4, 4), rand(1, 1, 4, 4))
+        par_refine(rand(2, 3, 4, 4), rand(1, 1, 4, 4))
     with pytest.raises(ValueError, match="must be \\[B, C, h, w\\]"):
-        par(rand(3, 4, 4), rand(1, 1, 4, 4))
+        par_refine(rand(3, 4, 4), rand(1, 1, 4, 4))
     with pytest.raises(ValueError, match="dilations"):
-        par(rand(1, 3, 4, 4), rand(1, 1, 4, 4), dilations=())
+        par_refine(rand(1, 3, 4, 4), rand(1, 1, 4, 4), dilations=())
     with pytest.raises(ValueError, match="num_iter"):
-        par(rand(1, 3, 4, 4), rand(1, 1, 4, 4), num_iter=-1)
+        par_refine(rand(1, 3, 4, 4), rand(1, 1, 4, 4), num_iter=-1)
 
 
 def test_gradcheck_float64():
     images = rand(1, 3, 4, 5, seed=11).requires_grad_()
     masks = rand(1, 2, 3, 3, seed=12).requires_grad_()  # low-res: the gradient goes through the upsampling too
-    assert torch.autograd.gradcheck(lambda m: par(images.detach(), m, dilations=(1, 2), num_iter=2), (masks,))
+    assert torch.autograd.gradcheck(lambda m: par_refine(images.detach(), m, dilations=(1, 2), num_iter=2), (masks,))
     # the image path (std, softmax) is costlier to check element by element: a random projection suffices
-    assert torch.autograd.gradcheck(lambda i: par(i, masks.detach(), dilations=(1, 2), num_iter=2), (images,),
+    assert torch.autograd.gradcheck(lambda i: par_refine(i, masks.detach(), dilations=(1, 2), num_iter=2), (images,),
                                     fast_mode=True)
 
 
@@ -235,10 +236,10 @@ def case(B, K, h, w, mask_hw=None, dtype=torch.float32, seed=0):
 
 def par_parity(images, masks, dilations=DEFAULT_DILATIONS, num_iter=10, equal_nan=False):
     rtol, atol = TOL[masks.dtype]
-    out = par(images, masks, dilations, num_iter, backend="triton")
-    ref = par(images, masks, dilations, num_iter, backend="torch")
+    out = par_refine(images, masks, dilations, num_iter, backend="triton")
+    ref = par_refine(images, masks, dilations, num_iter, backend="torch")
     assert out.dtype == masks.dtype and out.device == masks.device
-    assert_close(out, ref, what="par", rtol=rtol, atol=atol, scale="one", equal_nan=equal_nan)
+    assert_close(out, ref, what="par_refine", rtol=rtol, atol=atol, scale="one", equal_nan=equal_nan)
     return out
 
 
@@ -282,7 +283,7 @@ def test_triton_64bit_index_math(kernels, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_triton_half_inputs(kernels, dtype):
     """Half inputs are read once into fp32 (no half arithmetic: the interpreter is exact); the affinity is never
-    rounded inside `par`; `par_affinity` / `par_propagate` keep the reference's dtype contract."""
+    rounded inside `par_refine`; `par_affinity` / `par_propagate` keep the reference's dtype contract."""
     images, masks = case(2, 3, 14, 15, (7, 8), dtype=dtype, seed=10)
     par_parity(images, masks, num_iter=4)
     aff = par_affinity(images, backend="triton")
@@ -311,15 +312,15 @@ def test_triton_constant_image(kernels):
     images = torch.full((2, 3, 6, 7), 0.4, device=DEVICE)
     aff = par_affinity(images, backend="triton")
     assert_close(aff, par_affinity(images, backend="torch"), what="affinity", rtol=1e-6, atol=1e-7, scale="one")
-    out = par(images, torch.full((2, 2, 6, 7), 2.0, device=DEVICE), num_iter=3, backend="triton")
+    out = par_refine(images, torch.full((2, 2, 6, 7), 2.0, device=DEVICE), num_iter=3, backend="triton")
     assert_close(out, torch.full_like(out, 2.0 * 1.01**3), what="constant mask", rtol=1e-5, atol=0,
                  scale="one")  # 48-term fp32 sums
 
 
 def test_triton_is_deterministic(kernels):
     images, masks = case(1, 2, 11, 12, seed=4)
-    assert torch.equal(par(images, masks, num_iter=3, backend="triton"), par(images, masks, num_iter=3,
-                                                                              backend="triton"))
+    assert torch.equal(par_refine(images, masks, num_iter=3, backend="triton"),
+                       par_refine(images, masks, num_iter=3, backend="triton"))
 
 
 def test_triton_gradients_fall_back(kernels, monkeypatch):
@@ -331,15 +332,15 @@ def test_triton_gradients_fall_back(kernels, monkeypatch):
     images, masks = case(1, 2, 6, 7, seed=5)
     masks.requires_grad_()
     with pytest.raises(ValueError, match="require grad"):
-        par(images, masks, num_iter=2, backend="triton")
-    out = par(images, masks, num_iter=2)
-    assert backends_used() == {"par": "torch"} and out.requires_grad
+        par_refine(images, masks, num_iter=2, backend="triton")
+    out = par_refine(images, masks, num_iter=2)
+    assert backends_used() == {"par_refine": "torch"} and out.requires_grad
     out.sum().backward()
     assert masks.grad is not None and torch.isfinite(masks.grad).all()
     with torch.no_grad():
-        fast = par(images, masks, num_iter=2, backend="triton")
-        auto = par(images, masks, num_iter=2)
-    assert backends_used() == {"par": "torch+triton"} and not fast.requires_grad
+        fast = par_refine(images, masks, num_iter=2, backend="triton")
+        auto = par_refine(images, masks, num_iter=2)
+    assert backends_used() == {"par_refine": "torch+triton"} and not fast.requires_grad
     assert torch.equal(auto, fast)  # no_grad: auto takes the kernels too
     rtol, atol = TOL[torch.float32]
     assert_close(fast, out.detach(), what="no_grad kernels vs the reference", rtol=rtol, atol=atol, scale="one")
@@ -353,10 +354,10 @@ def test_custom_ops_pass_opcheck_and_compile(kernels):
     aff = par_affinity(images, (1, 2), backend="torch")
     opcheck(torch.ops.fastwsss.par_propagate.default, (aff, masks, [1, 2], 2))
     # fullgraph capture through both ops (aot_eager: the graph, without inductor's ~30 s CPU compile)
-    fn = torch.compile(lambda i, m: par(i, m, (1, 2), num_iter=2, backend="triton"), fullgraph=True,
+    fn = torch.compile(lambda i, m: par_refine(i, m, (1, 2), num_iter=2, backend="triton"), fullgraph=True,
                        backend="aot_eager")
     with torch.no_grad():
-        assert_close(fn(images, masks), par(images, masks, (1, 2), num_iter=2, backend="torch"), what="compiled",
+        assert_close(fn(images, masks), par_refine(images, masks, (1, 2), num_iter=2, backend="torch"), what="compiled",
                      rtol=1e-5, atol=1e-5, scale="one")
 
 
@@ -367,3 +368,16 @@ def test_triton_real_shapes_gpu(K, dtype):
     """PAR at 224² (ToCo's down-scaled 448 crop), batch 4, masks at 28² or full size, 10 rounds."""
     par_parity(*case(4, K, 224, 224, (28, 28), dtype=dtype, seed=K))
     par_parity(*case(4, K, 224, 224, dtype=dtype, seed=K + 100))
+
+
+def test_the_package_is_not_shadowed_by_the_function():
+    """``fastwsss.kernels.par`` is the subpackage (before: the public function ``par`` hid it as an attribute, while
+    ``import fastwsss.kernels.par`` gave the package); the function is ``par_refine``."""
+    import importlib
+    import types
+
+    import fastwsss.kernels as k
+
+    assert isinstance(k.par, types.ModuleType) and k.par is importlib.import_module("fastwsss.kernels.par")
+    assert k.par_refine is k.par.par_refine and k.par_refine.__name__ == "par_refine"
+    assert "par" not in k.__all__ and "par" not in k.par.__all__
