@@ -1,4 +1,4 @@
-"""Many processes (issue 13): torchrun with two CPU processes (gloo) trains, evaluates and exports exactly what one
+"""Many processes: torchrun with two CPU processes (gloo) trains, evaluates and exports exactly what one
 process does. Each torchrun launch costs ~15 s of start-up (three interpreters importing torch), so every launch
 checks as much as it can.
 

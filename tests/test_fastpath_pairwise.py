@@ -1,4 +1,4 @@
-"""The training fast path of the pairwise ops (issue 5, item 4): with ``kernels.backend`` selecting Triton, PAR (the
+"""The training fast path of the pairwise ops: with ``kernels.backend`` selecting Triton, PAR (the
 segmentation pseudo label) and the token affinity loss run through the kernels — under the interpreter on CPU — and
 a few training steps give the same losses as through the PyTorch references.
 

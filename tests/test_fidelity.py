@@ -92,7 +92,8 @@ def test_a_checkpoint_of_the_biased_decoder_is_refused_clearly(tiny_config, tmp_
     with pytest.raises(ValueError, match=r"earlier fastwsss.*decoder\.2\.bias.*middle 3x3 conv has a bias"):
         load_model(run)
     with pytest.raises(ValueError, match=r"earlier fastwsss.*decoder\.2\.bias"):
-        train(tiny_config("train.max_iters=2", "train.eval_interval=100", f"run.resume={run}"))
+        train(tiny_config("train.max_iters=2", "train.eval_interval=100", f"run.resume={run}",
+                          "run.allow_changes=true"))
 
 
 @pytest.mark.parametrize("round_denorm", [False, True])
