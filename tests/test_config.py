@@ -3,14 +3,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+import fastwsss.methods  # noqa: F401  (registers the methods and their config sections, as every command does)
 from fastwsss.config import (
-    Config,
     ConfigError,
     _leaves,
     _yaml_layers,
     config_purpose,
     load_config,
     packaged_configs,
+    schema,
     to_yaml,
 )
 
@@ -33,7 +34,7 @@ def test_every_yaml_loads_and_starts_with_a_comment(path):
     assert path.read_text().startswith("#"), "each YAML starts with what it reproduces and how to run it"
     # a YAML holds only differences from what it starts from (the schema, and its base: chain)
     layers = _yaml_layers(path)
-    below = OmegaConf.merge(OmegaConf.structured(Config), *(layer for layer, _ in layers[:-1]))
+    below = OmegaConf.merge(OmegaConf.structured(schema()), *(layer for layer, _ in layers[:-1]))  # method sections too
     own = layers[-1][0]
     same = [key for key, _ in _leaves(own) if _plain(OmegaConf.select(below, key)) == _plain(OmegaConf.select(own, key))]
     assert not same, f"{path.name} restates what it starts from: {same}"
@@ -112,7 +113,7 @@ def test_config_by_name_from_any_directory(tmp_path, monkeypatch):
     assert load_config("voc_mcc", ["train.max_iters=5", SCRATCH]) == by_path
     assert load_config("voc_mcc.yaml", ["train.max_iters=5", SCRATCH]) == by_path
     assert load_config("demo_cam").train.method == "cam"  # its `base: demo.yaml` resolves inside the package
-    with pytest.raises(ConfigError, match=r"not found: voc_mcx.*nor a packaged config: coco_mcc, .*voc_toco"):
+    with pytest.raises(ConfigError, match=r"not found: voc_mcx.*nor a packaged config: coco_cosa, coco_mcc, .*voc_toco"):
         load_config("voc_mcx")
     with pytest.raises(ConfigError, match="not found"):
         load_config("elsewhere/voc_mcc.yaml")  # a path that names a packaged file is still a path
