@@ -381,3 +381,14 @@ def test_checkpoint_predicts_evaluates_the_lam_and_resumes_exactly(tiny_config, 
     results = evaluate_model(model, EvalDataset(items, 2), scales=(1.0, 0.5), bkg_thresh=0.5,
                              modes=("cam", "lam", "seg"), device=torch.device("cpu"))
     assert set(results) == {"cam", "lam", "seg"} and results["lam"].mat.sum() > 0
+
+
+@pytest.mark.parametrize("name", ["voc_more", "coco_more"])
+def test_paper_configs_refuse_to_start_without_the_jx_weights(name):
+    from fastwsss.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"fine-tunes pretrained weights.*vit_base_patch16_224\.orig_in21k_ft_in1k"):
+        load_config(name)
+    cfg = load_config(name, ["model.pretrained=/w/jx_vit_base_p16_224-80ecf9dd.pth"])
+    assert cfg.model.backbone == "vit_base_patch16_224" and not cfg.model.freeze_pos_embed
+    assert cfg.data.rescale_range == (0.32, 1.0) and cfg.data.grayscale_p == cfg.data.blur_p == 0.0
