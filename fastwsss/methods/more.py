@@ -245,10 +245,12 @@ class MoReNet(WSSSNet):
 
     def refine(self, out: MoReOutputs) -> torch.Tensor:
         """The class tokens every MoRe consumer reads [B, K, D]: GCR of the class tokens and the patch tokens, or the
-        class tokens as they are without it."""
+        class tokens as they are without it. GCR runs in fp32 under autocast too (its top-k picks neighbours among
+        near-equal logits; it costs a [B, K, K + N] product)."""
         if not self.gcr:
             return out.class_tokens
-        return self.graph_layer(out.class_tokens, out.feat.flatten(2).transpose(1, 2))
+        with fp32_arithmetic():
+            return self.graph_layer(out.class_tokens.float(), out.feat.flatten(2).transpose(1, 2).float())
 
     def lam_from(self, out: MoReOutputs) -> torch.Tensor:
         """The localisation map [B, K, h, w] (fp32, detached): <refined class token k, patch feature> (Q2: a token
