@@ -10,7 +10,7 @@ Stages, each with its share of the budget (a stage that runs out is stopped and 
 3. ``benchmarks`` ``pytest benchmarks/ --benchmark-only`` at the production shapes (correctness checked first);
 4. ``training``   one full-size training run per (method, path): ``benchmarks/train_speed.py`` for voc_mcc and
    voc_toco, the fp32 reference path and the bf16 fast path (steady it/s, peak memory), voc_cosa's fast path; and
-   ``benchmarks/method_step.py`` per method with an official-step reading (CoSA): one iteration of fastwsss's
+   ``benchmarks/method_step.py`` per method with an official-step reading (CoSA, MoRe): one iteration of fastwsss's
    step against the plain official step, as a ratio.
 
 Writes ``validate.json`` (device, versions, commit, each stage's status, time and summary, the training table),
@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TRAINING = [("voc_mcc", "reference"), ("voc_mcc", "fast"), ("voc_toco", "reference"), ("voc_toco", "fast"),
             ("voc_cosa", "fast")]
-METHOD_STEPS = ["cosa"]  # benchmarks/method_step.py --method <name>
+METHOD_STEPS = ["cosa", "more"]  # benchmarks/method_step.py --method <name>
 SHARES = {"selfcheck": 0.10, "tests": 0.35, "benchmarks": 0.22, "training": 0.33}  # of the budget
 
 

@@ -6,6 +6,7 @@ the method's hooks), under bf16 autocast on a GPU and in fp32 on a CPU.
     python benchmarks/method_step.py --method cosa                     # ViT-B/16 at 448, the paper config's batch
     python benchmarks/method_step.py --method cosa --size small       # ViT-S/16 at 224, batch 2 (a CPU figure)
     python benchmarks/method_step.py --method cosa --size tiny --iters 2    # a smoke run (CI)
+    python benchmarks/method_step.py --method more --size small       # MoRe (voc_more), the same sizes
 
 Correctness first: both sides' loss terms are compared on the same weights and batch in fp32 before anything is
 timed (relative 1e-4), and no time is reported when they differ.
@@ -34,7 +35,7 @@ from fastwsss.training import StepModule, build_optimizer, forward_backward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CONFIGS = {"cosa": "voc_cosa"}
+CONFIGS = {"cosa": "voc_cosa", "more": "voc_more"}
 SIZES = {
     "paper": [],
     "small": ["model.backbone=deit_small_patch16_224", "data.crop_size=224", "train.batch_size=2"],
@@ -42,7 +43,10 @@ SIZES = {
              "model.depth=3", "model.num_heads=2", "model.decoder_channels=16", "data.crop_size=64",
              "train.batch_size=2", "cam.scales=[1.0,0.5]"],
 }
-EVERY_TERM = ["loss.seg_start=0", "loss.reg_start=0", "cosa.cam_start=0"]
+EVERY_TERM = {  # every term on from iteration 0
+    "cosa": ["loss.seg_start=0", "loss.reg_start=0", "cosa.cam_start=0"],
+    "more": ["loss.seg_start=0", "loss.reg_start=0", "loss.aff_start=0", "more.cle_start=0", "more.une_start=0"],
+}
 
 
 def sync(device: torch.device) -> None:
@@ -70,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     official = importlib.import_module(f"official_{args.method}")
     cfg = load_config(CONFIGS[args.method], ["model.pretrained=none", "data.dataset=synthetic", "data.num_classes=7",
-                                             "kernels.backend=auto", *EVERY_TERM, *SIZES[args.size], *args.overrides])
+                                             "kernels.backend=auto", *EVERY_TERM[args.method], *SIZES[args.size],
+                                             *args.overrides])
     method = build_method(cfg)
     torch.manual_seed(0)
     model = method.build_model().to(device).train()
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     fast = StepModule(method, copy.deepcopy(model))
     ours = {k: float(t.value.detach()) for k, t in fast(batch, it).items()}
     ref_model = copy.deepcopy(model)
-    want = {k: float(v) for k, v in official.step_terms(ref_model, ref_model.teacher, batch, cfg, 0).items()}
+    want = {k: float(v.detach()) for k, v in official.run_step(ref_model, batch, cfg, 0).items()}
     bad = {k: (v, want[k]) for k, v in ours.items() if abs(v - want[k]) > 1e-4 * max(1.0, abs(want[k]))}
     if bad:
         print(f"method_step: the fast and the official step disagree, nothing timed: {bad}", file=sys.stderr)
@@ -102,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def official_iteration(state):
         m, optimizer = state
-        terms = official.step_terms(m, m.teacher, batch, cfg, 0)
+        terms = official.run_step(m, batch, cfg, 0)
         terms["total"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        official.ema_update(m.teacher, method.student_parameters(m), cfg.cosa.momentum)
+        official.after_step(m, method, cfg)
 
     def once(run, state) -> float:
         sync(device)

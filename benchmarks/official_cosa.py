@@ -121,3 +121,13 @@ def ema_update(teacher, student_parameters, momentum: float) -> None:
     """After ``optimizer.step()``: each teacher parameter <- m * itself + (1 - m) * the student's, one by one."""
     for t, s in zip(teacher.parameters(), student_parameters, strict=True):
         t.data = momentum * t.data + (1 - momentum) * s.data
+
+
+def run_step(model, batch: dict, cfg, step: int) -> dict[str, torch.Tensor]:
+    """``step_terms`` as ``benchmarks/method_step.py`` calls every official reading (the teacher is the model's)."""
+    return step_terms(model, model.teacher, batch, cfg, step)
+
+
+def after_step(model, method, cfg) -> None:
+    """After the optimizer step: the teacher's EMA, parameter by parameter."""
+    ema_update(model.teacher, method.student_parameters(model), cfg.cosa.momentum)

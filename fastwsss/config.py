@@ -177,9 +177,10 @@ class InferConfig:
     """Inference and whole-split evaluation from a checkpoint (SPEC §10): multi-scale + flip, dense CRF."""
 
     fusion: str = "voc"  # voc: native size, flip pair by sum, scales by max | coco: resize first, flip max, scales sum
-    #   | cosa: resize first, flip pair by sum, scales by sum
+    #   | cosa: resize first, flip pair by sum, scales by sum | more: each scale s a square int(s * coco_size), flip pair
+    #   by sum, scales by max
     scales: tuple[float, ...] = (1.0, 1.5, 1.25)  # the reference's VOC scales; COCO's are (1.0, 1.25, 1.5)
-    coco_size: int = 448  # fusion=coco: images are resized to coco_size x coco_size first
+    coco_size: int = 448  # fusion=coco / cosa: images are resized to coco_size x coco_size first (more: the square side)
     mask_absent_classes: bool = False  # evaluation only: logits of classes absent from the image's (ground-truth)
     #   labels set to -1e5 before the argmax and the CRF, as CoSA's published protocol ("Seg_vd") does
     crf_impl: str = "pydensecrf"  # pydensecrf (C++ reference, process pool) | lattice (ours: CPU or CUDA, batched)
@@ -298,7 +299,7 @@ def _validation_errors(cfg: Config) -> list[str]:
                ["no method is registered: import fastwsss.methods before loading a config"])
     errors += _choice("train.precision", cfg.train.precision, PRECISIONS)
     errors += _choice("kernels.backend", cfg.kernels.backend, ("auto", "torch", "triton"))
-    errors += _choice("infer.fusion", cfg.infer.fusion, ("voc", "coco", "cosa"))
+    errors += _choice("infer.fusion", cfg.infer.fusion, ("voc", "coco", "cosa", "more"))
     errors += _choice("infer.crf_impl", cfg.infer.crf_impl, ("pydensecrf", "lattice"))
     for key in ("infer.scales", "cam.scales"):
         section, name = key.split(".")

@@ -22,7 +22,7 @@ Series = dict[str, tuple[list[float], list[float]]]  # name -> (iterations, valu
 
 _PAIR = re.compile(r"([A-Za-z_][\w-]*): ([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))(?=[\s,;().]|$)")
 _NOT_SERIES = {"Iter", "Elasped", "Elapsed", "ETA"}
-_EVAL_MODES = ("seg", "cam", "aux-cam", "pseudo")  # the evaluations' mIoU drawn (not the trivial baselines)
+_EVAL_MODES = ("seg", "cam", "aux-cam", "pseudo", "lam")  # the evaluations' mIoU drawn (not the trivial baselines)
 
 
 def _add(series: Series, name: str, step: float, value: float) -> None:

@@ -4,7 +4,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from fastwsss.config import (
-    Config,
     ConfigError,
     _leaves,
     _yaml_layers,

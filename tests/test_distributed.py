@@ -43,6 +43,7 @@ METHOD_OVERRIDES = {
 }
 METHOD_OVERRIDES["mcc"] = METHOD_OVERRIDES["toco"]
 METHOD_OVERRIDES["cosa"] = ["loss.seg_start=0", "loss.reg_start=0", "cosa.cam_start=0"]
+METHOD_OVERRIDES["more"] = ["loss.seg_start=0", "loss.reg_start=0", "data.crop_size=64", "model.img_size=32"]
 COMMON = ["train.eval_interval=100", "train.ckpt_interval=100", "train.log_interval=1", "kernels.backend=torch", "model.pretrained=none"]
 
 
@@ -146,6 +147,17 @@ def test_cosa_two_processes(config_file, tmp_path):
     torchrun("fastwsss.train", "--config", str(config), f"run.dir={tmp_path / 'two'}")
     assert any(k.startswith("teacher.") for k in load_checkpoint(tmp_path / "two")["model"])
     assert_same_training(tmp_path / "one", tmp_path / "two")
+
+
+def test_more_two_processes(config_file, tmp_path):
+    """MoRe: 2 processes x 2 images == 1 process x 4 == 2 micro-batches of 2: UNE's draws come with each sample, its
+    token count and every other denominator are the whole batch's."""
+    config = config_file("more", "train.max_iters=2")
+    run_here(config, tmp_path / "one")
+    torchrun("fastwsss.train", "--config", str(config), f"run.dir={tmp_path / 'two'}")
+    assert load_checkpoint(tmp_path / "two")["model"]["backbone.cls_token"].shape[1] == 4 + 6
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+    assert_grad_accum_trains_like_one_batch(config, tmp_path)
 
 
 def test_killed_worker_resumes_under_max_restarts(config_file, tmp_path):

@@ -102,7 +102,7 @@ def test_a_method_registered_from_outside_trains_checkpoints_and_predicts(camseg
 
 
 def test_an_unregistered_method_or_section_is_a_config_error(tiny_config):
-    with pytest.raises(ConfigError, match="train.method=.camseg. is not one of cam, toco, mcc, cosa"):
+    with pytest.raises(ConfigError, match="train.method=.camseg. is not one of cam, toco, mcc, cosa, more"):
         tiny_config("train.method=camseg")
     with pytest.raises(ConfigError, match="camseg"):
         tiny_config("camseg.w_seg=0.2")
@@ -111,7 +111,7 @@ def test_an_unregistered_method_or_section_is_a_config_error(tiny_config):
 def test_every_method_declares_what_the_loop_needs():
     for name, method in METHODS.items():
         assert method.name == name and method.log_names and next(iter(method.log_names)) == "cls", name
-        assert set(method.eval_modes) <= {"cam", "aux-cam", "seg", "pseudo"}, name
+        assert set(method.eval_modes) <= {"cam", "aux-cam", "seg", "pseudo", "lam"}, name
 
 
 # ---- no method name outside fastwsss/methods/

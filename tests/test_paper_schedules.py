@@ -64,6 +64,31 @@ def test_coco_mcc():
     assert m.flag_source(0) == m.flag_source(m.cfg.train.max_iters - 1) == "aux"
 
 
+def test_voc_more():
+    # zwyang6/MoRe scripts/train_voc.py, train(): seg and reg 0.0 `if n_iter <= 2000`; PTC, CLE, UNE weighted in both
+    # branches; `mask_cle` / `mask_une` from the aux CAM `if n_iter <= 10000` (a literal; --cam2mask is unused)
+    m = method("voc_more")
+    assert on(m, 0) == on(m, 2000) == {"aff", "cle", "une"}
+    assert m.weights(2001) == {"aff": 0.3, "cle": 0.2, "une": 0.1, "seg": 0.12, "reg": 0.05}
+    assert m.token_labels_from_aux(10000) and not m.token_labels_from_aux(10001)
+    c = m.cfg.more
+    assert (c.w_mct, c.cle_temperature, m.cfg.cam.scales) == (1.0, 0.5, (1.0, 0.5, 0.75, 1.5))
+
+
+def test_coco_more():
+    # zwyang6/MoRe scripts/train_coco.py, train(): everything but cls / cls_aux / the separation term 0.0 `if n_iter
+    # <= 8000`; PTC from the `elif n_iter <= 12000` branch; CLE and UNE from the `elif n_iter <= 16000` branch; seg and
+    # reg after it; the token labels from the aux CAM `if n_iter <= args.cam2mask` (50000); the log's w_cle 0.05,
+    # w_une 0.0; CRELoss_neg(temp=0.1)
+    m = method("coco_more")
+    assert on(m, 0) == on(m, 8000) == set()
+    assert on(m, 8001) == on(m, 12000) == {"aff"}
+    assert on(m, 12001) == on(m, 16000) == {"aff", "cle"}
+    assert m.weights(16001) == {"aff": 0.3, "cle": 0.05, "une": 0.0, "seg": 0.12, "reg": 0.05}
+    assert m.token_labels_from_aux(50000) and not m.token_labels_from_aux(50001)
+    assert m.cfg.more.cle_temperature == 0.1 and m.cfg.train.batch_size == 8
+
+
 @pytest.mark.parametrize("config", ["coco_toco", "voc_mcc"])
 def test_the_projector_teacher_follows_while_the_contrast_term_is_off(config):
     """The authors' ``forward_proj`` EMA-updates ``proj_head_t`` on every iteration, also while the contrast weight

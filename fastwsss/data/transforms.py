@@ -114,8 +114,11 @@ def augment(img: Image.Image, rng: np.random.Generator, crop_size: int, rescale_
 
 
 def random_resized_crop(img: Image.Image, rng: np.random.Generator, size: int, scale: tuple[float, float] = (0.4, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
-    """torchvision's RandomResizedCrop (bicubic), seeded by ``rng``."""
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), *, torchvision_fallback: bool = False
+                        ) -> Image.Image:
+    """torchvision's RandomResizedCrop (bicubic), seeded by ``rng``. After 10 rejected draws: the central square
+    (ToCo's and MCC's second global view), or with ``torchvision_fallback`` torchvision's own fallback, the central
+    crop of the whole image clamped to the ratio range."""
     W, H = img.size
     for _ in range(10):
         area = H * W * rng.uniform(*scale)
@@ -124,9 +127,16 @@ def random_resized_crop(img: Image.Image, rng: np.random.Generator, size: int, s
         if 0 < w <= W and 0 < h <= H:
             i, j = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
             return img.resize((size, size), Image.BICUBIC, box=(j, i, j + w, i + h))
-    s = min(H, W)  # fallback: central square
-    i, j = (H - s) // 2, (W - s) // 2
-    return img.resize((size, size), Image.BICUBIC, box=(j, i, j + s, i + s))
+    if torchvision_fallback:
+        w, h = W, H
+        if W / H < min(ratio):
+            h = round(W / min(ratio))
+        elif W / H > max(ratio):
+            w = round(H * max(ratio))
+    else:
+        w = h = min(H, W)  # the central square
+    i, j = (H - h) // 2, (W - w) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(j, i, j + w, i + h))
 
 
 def maybe_flip(img: Image.Image, flip: bool) -> Image.Image:

@@ -21,7 +21,7 @@ from ..visualize import colorize, heatmap, palette_image, save_grid
 from .crf import CRFRunner
 from .metrics import ConfusionMatrix
 
-EVAL_MODES = ("cam", "aux-cam", "seg", "pseudo")
+EVAL_MODES = ("cam", "aux-cam", "seg", "pseudo", "lam")
 CRF_MODE = "seg-crf"  # the segmentation after the dense CRF; needs a CRFRunner (never run during training)
 
 
@@ -50,6 +50,8 @@ def evaluate_model(
     """Stream the split into one confusion matrix per mode:
 
     - ``cam`` / ``aux-cam``: multi-scale CAM -> label with the ground-truth image labels and the background threshold;
+    - ``lam``: the localisation map of a model that makes one (``model.lams(x)`` -> [B, C-1, H, W] in [0, 1], e.g.
+      MoRe's class-token map), labelled as the CAM;
     - ``seg``: the decoder's prediction at the image size: ``seg_fn(x)`` -> logits [B, C, H, W] when given (e.g. the
       multi-scale + flip fusion of ``fastwsss.inference.predict``), else the single-scale logits upsampled;
     - with ``mask_absent_classes`` the logits of classes absent from the image's ground-truth labels are set to -1e5
@@ -74,6 +76,9 @@ def evaluate_model(
         raise ValueError(f"mode {CRF_MODE!r} needs a CRFRunner (crf=...)")
     if "pseudo" in modes and labeller is None:
         raise ValueError("mode 'pseudo' needs the method's pseudo labeller (labeller=...)")
+    if "lam" in modes and not hasattr(model, "lams"):
+        raise ValueError(f"mode 'lam' needs a model that makes localisation maps (lams(x)); {type(model).__name__} "
+                         "makes none")
     if not dist.main:
         num_vis = 0
     C = dataset.items.num_classes
@@ -101,7 +106,10 @@ def evaluate_model(
             cams, cams_aux = multiscale_cams(model, x, scales) if want_cams else (None, None)
             if want_seg:
                 seg = seg_fn(x) if seg_fn is not None else model(x).seg_logits
+            lams = model.lams(x) if "lam" in modes else None
         labels = {}
+        if lams is not None:
+            labels["lam"] = cam_to_label(lams.float(), cls_label, bkg_thresh=bkg_thresh).cpu()
         if want_cams:
             for key, c in (("cam", cams), ("aux-cam", cams_aux)):
                 labels[key] = cam_to_label(c.float(), cls_label, bkg_thresh=bkg_thresh).cpu()

@@ -1,6 +1,6 @@
 """From a checkpoint to predictions: the network of a checkpoint (its method's predictor) with its own config,
-multi-scale + flip segmentation logits with the VOC, COCO and CoSA fusion rules (SPEC §10), and the dense-CRF runner
-configured by ``infer.*``. Used by ``fastwsss.infer`` and ``fastwsss.evaluate``."""
+multi-scale + flip segmentation logits with the VOC, COCO, CoSA and MoRe fusion rules (SPEC §10), and the dense-CRF
+runner configured by ``infer.*``. Used by ``fastwsss.infer`` and ``fastwsss.evaluate``."""
 
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ class FusionRule(NamedTuple):
     resize_first: bool  # resize the image to a fixed square before the scales (COCO: 448)
     flip: str  # how an image's and its flip's logits are fused: "sum" | "max"
     scales: str  # how the scales are fused: "sum" | "max"
+    square: bool = False  # each scale s resizes the image straight to a square int(s * coco_size) (MoRe's VOC tool)
 
 
 FUSION_RULES = {
     "voc": FusionRule(resize_first=False, flip="sum", scales="max"),
     "coco": FusionRule(resize_first=True, flip="max", scales="sum"),
     "cosa": FusionRule(resize_first=True, flip="sum", scales="sum"),
+    "more": FusionRule(resize_first=False, flip="sum", scales="max", square=True),
 }
 
 
@@ -48,7 +50,8 @@ def multiscale_seg_logits(model: torch.nn.Module, x: torch.Tensor, *, scales: Se
     Per scale s: the image (``coco``: first resized to coco_size x coco_size) is resized to int(s*h) x int(s*w) and
     batched with its horizontal flip; the decoder's logits are resized (bilinear) to (H, W), the flip's are
     un-flipped, and the pair is fused (``voc``: sum, ``coco``: max); the scales are then fused (``voc``: max,
-    ``coco``: sum). Scale 1.0 is used as is, without a resize.
+    ``coco``: sum). Scale 1.0 is used as is, without a resize. ``more``: each scale resizes the image to a square
+    int(s * coco_size) x int(s * coco_size) (the aspect ratio is not kept, as MoRe's tool does, Q13), scale 1.0 too.
     """
     if fusion not in FUSION_RULES:
         raise ValueError(f"fusion={fusion!r} is not one of {tuple(FUSION_RULES)}")
@@ -61,7 +64,11 @@ def multiscale_seg_logits(model: torch.nn.Module, x: torch.Tensor, *, scales: Se
     h, w = x.shape[-2:]
     fused = None
     for s in scales:
-        xs = x if s == 1.0 else F.interpolate(x, size=(int(s * h), int(s * w)), mode="bilinear", align_corners=False)
+        if rule.square:
+            xs = F.interpolate(x, size=(int(s * coco_size),) * 2, mode="bilinear", align_corners=False)
+        else:
+            xs = x if s == 1.0 else F.interpolate(x, size=(int(s * h), int(s * w)), mode="bilinear",
+                                                  align_corners=False)
         seg = model(torch.cat([xs, xs.flip(-1)])).seg_logits
         seg = F.interpolate(seg.float(), size=(H, W), mode="bilinear", align_corners=False)
         pair = _fuse(seg[:B], seg[B:].flip(-1), rule.flip)

@@ -1,5 +1,6 @@
-"""The methods: one file each (``cam.py``, ``toco.py``, ``mcc.py``, ``cosa.py``) on one protocol (``base.Method``), the pieces
-they share (``common.py``, ``losses.py``), and the registry that ``train.method`` names an entry of.
+"""The methods: one file each (``cam.py``, ``toco.py``, ``mcc.py``, ``cosa.py``, ``more.py``) on one protocol
+(``base.Method``), the pieces they share (``common.py``, ``losses.py``), and the registry that ``train.method`` names
+an entry of.
 
 A new method is a new file with a ``Method`` subclass, registered with :func:`register` (README "Adding a method").
 """
@@ -11,6 +12,7 @@ from .base import Iteration, Method, Term, idle_anchor
 from .cam import CAM
 from .cosa import CoSA
 from .mcc import MCC
+from .more import MoRe
 from .toco import ToCo
 
 METHODS: dict[str, type[Method]] = {}
@@ -31,7 +33,8 @@ def build_method(cfg: Config) -> Method:
     return METHODS[cfg.train.method](cfg)
 
 
-for _method in (CAM, ToCo, MCC, CoSA):
+for _method in (CAM, ToCo, MCC, CoSA, MoRe):
     register(_method)
 
-__all__ = ["CAM", "MCC", "METHODS", "CoSA", "Iteration", "Method", "Term", "ToCo", "build_method", "idle_anchor", "register"]
+__all__ = ["CAM", "MCC", "METHODS", "CoSA", "Iteration", "Method", "MoRe", "Term", "ToCo", "build_method", "idle_anchor",
+           "register"]
