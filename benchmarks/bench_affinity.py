@@ -1,4 +1,4 @@
-"""Token affinity loss (ToCo PTC / MCC aff, SPEC §7.3): forward, and forward + backward as in training.
+"""Token affinity loss (ToCo PTC / MCC aff, docs/methods/toco-mcc.md §7.3): forward, and forward + backward as in training.
 
 Shapes: ViT-B/16 patch tokens (D 768) of the training crop, 448² -> 28² = 784 tokens, and of a 672² crop -> 42² =
 1764 tokens, batch 4, bf16 (training's autocast dtype) and fp32; labels from 5 classes with ~1/6 ignored. On a CPU

@@ -1,7 +1,7 @@
 """Masked-key attention: M key masks over shared q, k, v (MCC's local views, masked route) and the packed views of
 the token-dropping route, forward and forward + backward.
 
-Shapes come from MCC training (SPEC §6): ViT-B/16 (12 heads of 64) at 448² (N = 1 + 28², 8 masks per image, one
+Shapes come from MCC training (docs/methods/toco-mcc.md §6): ViT-B/16 (12 heads of 64) at 448² (N = 1 + 28², 8 masks per image, one
 Bernoulli(0.95) "masked" draw per 4×4 cell of the token grid, class token always visible) and at 224². bf16 on a
 GPU; on a CPU one small fp32 case per provider as a smoke test (`--benchmark-disable`).
 

@@ -1,8 +1,8 @@
 """Permutohedral-lattice bilateral filter: lattice build and one filter of C channels, timed separately.
 
-Shapes come from the two users of the lattice: the regularisation loss (SPEC §7.6: 224², σ_xy 50, σ_rgb 15, one
+Shapes come from the two users of the lattice: the regularisation loss (docs/methods/toco-mcc.md §7.6: 224², σ_xy 50, σ_rgb 15, one
 lattice per image of the batch, C = 21 VOC classes or C = 2, batch 1 and the paper's 4) and dense-CRF inference
-(SPEC §10: a VOC-size 500×375 image, 21 classes; bilateral σ_xy 121, σ_rgb 5, and the Gaussian σ_xy 1 kernel, d = 2,
+(docs/methods/toco-mcc.md §10: a VOC-size 500×375 image, 21 classes; bilateral σ_xy 121, σ_rgb 5, and the Gaussian σ_xy 1 kernel, d = 2,
 whose lattice has ~one vertex per pixel). Images are smooth synthetic "natural" ones with flat objects and noise.
 On a CPU one tiny case per kernel as a smoke test (`--benchmark-disable`, Triton under the interpreter).
 

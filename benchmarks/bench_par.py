@@ -1,4 +1,4 @@
-"""PAR (SPEC §8): the 48-neighbour affinity and 10 propagation rounds, as the pseudo label uses it.
+"""PAR (docs/methods/toco-mcc.md §8): the 48-neighbour affinity and 10 propagation rounds, as the pseudo label uses it.
 
 Shapes: 224² (ToCo / MCC's 448 crop down-scaled by 2), batch 4, default dilations (1, 2, 4, 8, 12, 24), 10 rounds;
 K = 2, 3, 8, 21 dense channels, and the training call itself: K = 42 (background + 20 VOC classes, for both

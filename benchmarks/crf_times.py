@@ -3,7 +3,7 @@
     python benchmarks/crf_times.py [--threads 1] [--labels 21] [--repeats 3] [--device cpu|cuda]
 
 Images: scikit-image's sample photographs (astronaut, chelsea, coffee) resized to 500x375, the typical VOC size;
-unaries from smooth random logits (bicubic-upsampled N(0, 3^2) on a 16-px grid), softmax; SPEC §10 parameters.
+unaries from smooth random logits (bicubic-upsampled N(0, 3^2) on a 16-px grid), softmax; docs/methods/toco-mcc.md §10 parameters.
 Agreement is checked before anything is timed. Times: wall clock and process CPU time (the CPU time stays
 meaningful on a shared, busy machine); the best of ``--repeats``.
 """

@@ -1,4 +1,4 @@
-"""How far one training step moves between fp32 and bf16 autocast, on the same weights and batch (README, "Precision").
+"""How far one training step moves between fp32 and bf16 autocast, on the same weights and batch (docs/precision.md).
 
     python benchmarks/precision_drift.py                                  # the demo config, after 1500 warm-up iters
     python benchmarks/precision_drift.py --checkpoint runs/demo/<stamp> train.method=toco   # a checkpoint's weights

@@ -19,7 +19,7 @@ CHECKPOINT_KEYS = ("format_version", "iteration", "model", "config")  # what mak
 # Parameters of earlier model layouts that the current one no longer has, and why. A checkpoint holding one cannot be
 # loaded: dropping a trained parameter would silently change what the network computes.
 REMOVED_PARAMETERS = {
-    "decoder.2.bias": "its LargeFOV decoder's middle 3x3 conv has a bias; the authors' decoder has none (SPEC §2)",
+    "decoder.2.bias": "its LargeFOV decoder's middle 3x3 conv has a bias; the authors' decoder has none (docs/methods/toco-mcc.md §2)",
 }
 
 

@@ -1,6 +1,6 @@
 """Typed configuration: one dataclass tree is the single source of truth.
 
-The defaults are the papers' VOC settings (shared SPEC §7.1, §9); YAML files in ``configs/`` (shipped as
+The defaults are the papers' VOC settings (docs/methods/toco-mcc.md §7.1, §9); YAML files in ``configs/`` (shipped as
 ``fastwsss.configs``, found by name) hold only differences; ``key=value`` overrides come last. Unknown keys fail
 with their full path (``data.roott``), wrong types fail with the key and the value, and invalid choices are rejected
 before anything runs.
@@ -47,7 +47,7 @@ class DataConfig:
     blur_p: float = 1.0  # Gaussian blur, radius U(0.1, 2.0)
     num_workers: int = 4
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    # image-level labels from files instead of masks (README "Your own data"); masks are then needed only to evaluate
+    # image-level labels from files instead of masks (docs/data.md); masks are then needed only to evaluate
     labels: str = ""  # the train split's labels: a CSV (image, classes...) or cls_labels_onehot.npy
     val_labels: str = ""  # the val split's (folder layout: without it, no in-training evaluation)
     class_names: str = ""  # a file of class names, one per line (default: <root>/classes.txt, VOC's for 21)
@@ -66,7 +66,7 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     aux_layer: int = -3  # auxiliary classifier reads the tokens of this block (before the final norm)
-    freeze_pos_embed: bool = True  # reference quirk (SPEC §11); false makes it trainable
+    freeze_pos_embed: bool = True  # reference quirk (docs/methods/toco-mcc.md §11); false makes it trainable
     decoder_channels: int = 512
     decoder_dilation: int = 5
 
@@ -85,7 +85,7 @@ class OptimConfig:
 
 @dataclass
 class CamConfig:
-    scales: tuple[float, ...] = (1.0, 0.5, 1.5)  # multi-scale CAM (SPEC §3 step 1)
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5)  # multi-scale CAM (docs/methods/toco-mcc.md §3 step 1)
     bkg_thresh: float = 0.5  # cam_to_label background threshold (evaluation)
     high_thresh: float = 0.7
     low_thresh: float = 0.25
@@ -95,7 +95,7 @@ class CamConfig:
 
 @dataclass
 class LossConfig:
-    """Weights and schedule of the loss terms (SPEC §7.1). A term is computed only while it is weighted.
+    """Weights and schedule of the loss terms (docs/methods/toco-mcc.md §7.1). A term is computed only while it is weighted.
 
     Iterations count from 0 (the first optimizer step is iteration 0), as the authors' ``for n_iter in
     range(max_iters)`` does. ``<term>_start`` is the first iteration at which the term is on: an authors' script that
@@ -120,7 +120,7 @@ class LossConfig:
 
 @dataclass
 class ContrastConfig:
-    """Local views, projector and EMA teacher of the contrast loss (SPEC §2, §5, §6), shared by ToCo and MCC; what
+    """Local views, projector and EMA teacher of the contrast loss (docs/methods/toco-mcc.md §2, §5, §6), shared by ToCo and MCC; what
     sets their local views apart is in their own sections (``toco:``, ``mcc:``)."""
 
     num_local: int = 8  # local views per image: ToCo crops / MCC key masks
@@ -133,7 +133,7 @@ class ContrastConfig:
 
 @dataclass
 class QuirkConfig:
-    """Reference-code behaviours that look like bugs (SPEC §11). Defaults reproduce the published code."""
+    """Reference-code behaviours that look like bugs (docs/methods/toco-mcc.md §11). Defaults reproduce the published code."""
 
     contrast_extra_term: bool = True  # true: keep the always-run sum_a log(1 + n_a) term of the contrast loss
     scale_box_to_grid: bool = False  # true: map img_box onto the token grid (faithful: applied as is, so padded
@@ -174,7 +174,7 @@ class EvalConfig:
 
 @dataclass
 class InferConfig:
-    """Inference and whole-split evaluation from a checkpoint (SPEC §10): multi-scale + flip, dense CRF."""
+    """Inference and whole-split evaluation from a checkpoint (docs/methods/toco-mcc.md §10): multi-scale + flip, dense CRF."""
 
     fusion: str = "voc"  # voc: native size, flip pair by sum, scales by max | coco: resize first, flip max, scales sum
     #   | cosa: resize first, flip pair by sum, scales by sum | more: each scale s a square int(s * coco_size), flip pair
@@ -591,7 +591,7 @@ def _missing_message(cfg, key: str) -> str:
         return f"{key} must be set (the config marks it ???): add {key}=..."
     source = cfg.model.pretrained_source or "ImageNet weights"
     return (f"{cfg.name} fine-tunes pretrained weights, as the paper does: {source}. Set model.pretrained=<file> "
-            "(.pth or .safetensors with timm's names; README 'Pretrained weights' shows how to save one), "
+            "(.pth or .safetensors with timm's names; docs/data.md shows how to save one), "
             "model.pretrained=timm where timm's hub is reachable, or model.pretrained=none to train from scratch "
             "on purpose")
 

@@ -6,8 +6,8 @@
 
 The model is built from the checkpoint's own config; ``key=value`` overrides apply on top (e.g. ``infer.fusion=coco``,
 ``infer.scales=[1.0]``, ``infer.crf_impl=lattice``, ``train.device=cuda``). Segmentation is the multi-scale + flip
-fusion of SPEC §10 (``infer.fusion``: voc | coco), optionally followed by the dense CRF. ``--pseudo`` writes the
-training labels of SPEC §4.2 instead (multi-scale CAM with the split's image-level labels, refined by PAR; uncertain
+fusion of docs/methods/toco-mcc.md §10 (``infer.fusion``: voc | coco), optionally followed by the dense CRF. ``--pseudo`` writes the
+training labels of docs/methods/toco-mcc.md §4.2 instead (multi-scale CAM with the split's image-level labels, refined by PAR; uncertain
 pixels 255), for training any segmentation network on them.
 
 Output (``<name>`` = the image's path relative to ``--images`` without its suffix, or the split's name):

@@ -48,7 +48,7 @@ def make_autocast(precision: str, device: torch.device) -> Callable[[], object]:
 def fp32_arithmetic() -> Iterator[None]:
     """Autocast off (CPU and CUDA), as a context or a decorator: inside, fp32 inputs are computed in fp32 even when
     the caller runs under autocast. Everything cut by a CAM threshold or fed to PAR runs in it, as the authors' fp32
-    runs did: a bf16 CAM moves pixels across the 0.25 / 0.5 / 0.7 cuts (README, "Precision")."""
+    runs did: a bf16 CAM moves pixels across the 0.25 / 0.5 / 0.7 cuts (docs/precision.md)."""
     with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
         yield
 

@@ -4,6 +4,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fastwsss.config import (
+    Config,
     ConfigError,
     _leaves,
     _yaml_layers,

@@ -64,7 +64,7 @@ def test_lattice_crf_agrees_with_pydensecrf_on_photographs(name, image):
     assert ref.shape == ours.shape == (5, H, W)
     before, a, b = probs.argmax(0), ref.argmax(0), ours.argmax(0)
     assert agreement(a, before) < 0.95, "the CRF must change the labels, or agreement says nothing"
-    assert agreement(a, b) == 1.0, f"{name}: {100 * agreement(a, b):.3f}% of pixels agree"  # README: 100 %
+    assert agreement(a, b) == 1.0, f"{name}: {100 * agreement(a, b):.3f}% of pixels agree"  # docs/inference.md: 100 %
     diff = np.abs(ref - ours)
     assert diff.max() < 1e-5, f"{name}: marginals differ by up to {diff.max():.2e} at {np.unravel_index(diff.argmax(), diff.shape)}"
 

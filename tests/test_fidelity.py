@@ -1,5 +1,5 @@
-"""SPEC-level checks that the reference's arithmetic and parameters are reproduced exactly: the de-normalised image
-PAR and the regularisation loss see (SPEC §4.2, §7.6), and the decoder's parameters (SPEC §2)."""
+"""Checks that the reference's arithmetic and parameters are reproduced exactly: the de-normalised image
+PAR and the regularisation loss see (docs/methods/toco-mcc.md §4.2, §7.6), and the decoder's parameters (docs/methods/toco-mcc.md §2)."""
 
 import numpy as np
 import pytest
@@ -65,7 +65,7 @@ def test_quantisation_is_defined_outside_the_pixel_range():
 
 
 def test_no_conv_of_the_decoder_has_a_bias():
-    """SPEC §2: the LargeFOV decoder's three convs (3x3 dil, 3x3 dil, 1x1) have no bias; its parameters are
+    """docs/methods/toco-mcc.md §2: the LargeFOV decoder's three convs (3x3 dil, 3x3 dil, 1x1) have no bias; its parameters are
     exactly the three conv weights."""
     torch.manual_seed(0)
     vit = create_vit("deit_tiny_patch16_224", img_size=32, patch_size=16, embed_dim=24, depth=3, num_heads=2)

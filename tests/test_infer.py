@@ -1,4 +1,4 @@
-"""Inference and whole-split evaluation from a checkpoint: the SPEC §10 fusion rules by hand, resumable output,
+"""Inference and whole-split evaluation from a checkpoint: the docs/methods/toco-mcc.md §10 fusion rules by hand, resumable output,
 corrupt images, pseudo-label export, and streaming evaluation == evaluation of the stored predictions."""
 
 from __future__ import annotations

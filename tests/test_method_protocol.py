@@ -1,5 +1,5 @@
 """A method is one file: a third method plugs in as one new class and its config section, registered from outside
-the package (README "Adding a method"), and nothing outside ``fastwsss/methods/`` branches on a method's name."""
+the package (docs/adding-a-method.md), and nothing outside ``fastwsss/methods/`` branches on a method's name."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from fastwsss.training import train
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# ---- the README's worked example: the decoder learns the CAM's own labels (no PAR, no contrast)
+# ---- the worked example of docs/adding-a-method.md: the decoder learns the CAM's own labels (no PAR, no contrast)
 
 
 @dataclass

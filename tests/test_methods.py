@@ -92,7 +92,7 @@ def test_projector_output_is_weight_normalised():
 
 
 def _contrast_by_hand(t, s, flags, tau, extra):
-    """SPEC §7.4 literally, in float64 with plain exponentials (safe for small logits)."""
+    """docs/methods/toco-mcc.md §7.4 literally, in float64 with plain exponentials (safe for small logits)."""
     B, A, _ = t.shape
     total = 0.0
     for i in range(B):

@@ -6,7 +6,7 @@
 Writes, for each annotation file of subset S (``train2014``, ``val2017``, ...; split ``train`` / ``val``):
 ``<root>/SegmentationClass/S/<name>.png`` (palette PNGs of class indices), the split list ``ImageSets/<split>.txt``,
 ``ImageSets/<split>_unannotated.txt``, ``ImageSets/val_part.txt`` (from the val split) and ``<root>/classes.txt``.
-The rules (README, "COCO from its annotation files"):
+The rules (docs/data.md):
 
 - classes: the JSON's categories in ascending id become 1..K (COCO's 80 ids 1..90 -> 1..80, as MCC's converter),
   background 0; ``classes.txt`` holds ``background`` then the category names in that order. Any set of ids is taken
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m fastwsss.data.coco",
         description="Turn COCO's instances_<subset>.json files into the VOC-style class-index PNGs, split lists and "
-                    "classes.txt of the coco layout (README: 'COCO from its annotation files').")
+                    "classes.txt of the coco layout (docs/data.md).")
     parser.add_argument("--annotations", action="append", required=True, type=_annotation_arg, metavar="[SUBSET=]FILE",
                         help="an instances JSON, e.g. instances_train2014.json; repeat for more. Its subset (the "
                              "folder: train2014) is read off the file name unless given as SUBSET=FILE")

@@ -1,6 +1,6 @@
 """VOC- and COCO-layout segmentation datasets with image-level labels derived from the masks.
 
-Layouts (SPEC §9):
+Layouts (docs/methods/toco-mcc.md §9):
 - ``voc``: ``JPEGImages/<name>.jpg``, ``SegmentationClassAug/<name>.png``, lists ``ImageSets/Segmentation/<split>.txt``.
 - ``coco``: ``JPEGImages/{train2014,val2014}/<name>.jpg``, ``SegmentationClass/{train2014,val2014}/<name>.png``
   (VOC-style class indices), lists ``ImageSets/<split>.txt``; the subset folder is read off the name

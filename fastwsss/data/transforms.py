@@ -1,4 +1,4 @@
-"""Training augmentation (SPEC §9) with every random choice drawn from an explicit numpy Generator.
+"""Training augmentation (docs/methods/toco-mcc.md §9) with every random choice drawn from an explicit numpy Generator.
 
 Order: random rescale U(lo, hi) (bilinear) -> horizontal flip p 0.5 -> black pad + random crop, recording
 ``img_box`` = [h0, h1, w0, w1], the crop's valid (non-padded) region -> colour jitter (0.4, 0.4, 0.2, 0.1)
@@ -25,7 +25,7 @@ def normalize(img: np.ndarray) -> np.ndarray:
     return ((img.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
 
 
-# The reference's de-normalisation constants, in pixel units, as its literals (SPEC §4.2). Not IMAGENET_* x 255: in
+# The reference's de-normalisation constants, in pixel units, as its literals (docs/methods/toco-mcc.md §4.2). Not IMAGENET_* x 255: in
 # float32 0.224 * 255 = 57.120003, one ulp above float32(57.12) = 57.119999, which moves 26 of the 256 green levels
 # of the quantised image that PAR sees.
 DENORM_MEAN = (123.675, 116.28, 103.53)
@@ -146,7 +146,7 @@ def maybe_flip(img: Image.Image, flip: bool) -> Image.Image:
 def contrast_sample(img: Image.Image, rng: np.random.Generator, crop_size: int, rescale_range: tuple[float, float],
                     jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 1.0, *, share_flip: bool = False,
                     flip_box: bool = False) -> dict[str, np.ndarray | list[int]]:
-    """ToCo / MCC training views of one image (SPEC §5, §6, §9), uint8 [S, S, 3] each:
+    """ToCo / MCC training views of one image (docs/methods/toco-mcc.md §5, §6, §9), uint8 [S, S, 3] each:
 
     - ``img``: rescale -> pad + crop (img_box) -> flip -> photometric. Reference quirk: the flip comes after
       img_box is computed and the box is not flipped (``flip_box`` flips it).

@@ -1,4 +1,4 @@
-"""Dense CRF post-processing (SPEC §10): two implementations of Krähenbühl's fully connected CRF behind one function.
+"""Dense CRF post-processing (docs/methods/toco-mcc.md §10): two implementations of Krähenbühl's fully connected CRF behind one function.
 
 - ``impl="pydensecrf"``: the CPU reference, ``pydensecrf2`` (the C++ densecrf); parallel over images through a
   process pool (:class:`CRFRunner`).
@@ -41,7 +41,7 @@ CRF_IMPLS = ("pydensecrf", "lattice")
 
 @dataclass(frozen=True)
 class CRFParams:
-    """SPEC §10 defaults (the reference's ``DenseCRF(iter_max=10, pos_w=1, pos_xy_std=1, bi_w=4, bi_xy_std=121,
+    """docs/methods/toco-mcc.md §10 defaults (the reference's ``DenseCRF(iter_max=10, pos_w=1, pos_xy_std=1, bi_w=4, bi_xy_std=121,
     bi_rgb_std=5)``)."""
 
     iterations: int = 10

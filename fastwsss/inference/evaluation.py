@@ -1,4 +1,4 @@
-"""Evaluation of a whole split (SPEC §10), streamed into one confusion matrix per mode: multi-scale CAMs, the
+"""Evaluation of a whole split (docs/methods/toco-mcc.md §10), streamed into one confusion matrix per mode: multi-scale CAMs, the
 segmentation (optionally after the dense CRF) and the PAR-refined pseudo labels of a model, or stored PNGs. The
 training loop calls ``evaluate_model`` for its periodic evaluation; ``python -m fastwsss.evaluate`` for whole splits."""
 
@@ -59,7 +59,7 @@ def evaluate_model(
     - ``seg-crf``: the same logits -> softmax -> dense CRF through ``crf`` (its worker pool runs while the model
       goes on; at most a few images are in flight);
     - ``pseudo``: the training label ``labeller`` makes from the multi-scale CAM (the method's, e.g. PAR-refined,
-      SPEC §4.2), uncertain pixels counted as background.
+      docs/methods/toco-mcc.md §4.2), uncertain pixels counted as background.
 
     Nothing is kept per image unless ``save_dir`` is given: then each mode's prediction is written as a palette PNG
     ``save_dir/<mode>/<name>.png``. A PNG grid of the first ``num_vis`` images goes to ``vis_path``.

@@ -194,7 +194,7 @@ def _run(cfg: Config, model: torch.nn.Module, items: list[ImageItem], out: Path,
     used += [] if pseudo or i.fusion == "coco" else list(i.scales)  # coco: resized to coco_size first
     min_side = math.ceil(patch / min(used)) if used else 1
     runner = make_crf_runner(cfg, device) if crf and todo else None
-    labeller = build_method(cfg).pseudo_labeller()  # the PAR-refined training label (SPEC §4.2; 255 uncertain)
+    labeller = build_method(cfg).pseudo_labeller()  # the PAR-refined training label (docs/methods/toco-mcc.md §4.2; 255 uncertain)
     waiting: dict[str, tuple[np.ndarray, torch.Tensor, np.ndarray | None]] = {}  # images the CRF still holds
     failures: list[dict] = []
     done = 0

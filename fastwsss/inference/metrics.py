@@ -1,4 +1,4 @@
-"""Scores: the C x C confusion matrix and mIoU of SPEC §10, the per-class table every result is printed in, and the
+"""Scores: the C x C confusion matrix and mIoU of docs/methods/toco-mcc.md §10, the per-class table every result is printed in, and the
 two trivial baselines every reported number is shown beside."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """From a checkpoint to predictions: the network of a checkpoint (its method's predictor) with its own config,
-multi-scale + flip segmentation logits with the VOC, COCO, CoSA and MoRe fusion rules (SPEC §10), and the dense-CRF
+multi-scale + flip segmentation logits with the VOC, COCO, CoSA and MoRe fusion rules (docs/methods/toco-mcc.md §10), and the dense-CRF
 runner configured by ``infer.*``. Used by ``fastwsss.infer`` and ``fastwsss.evaluate``."""
 
 from __future__ import annotations

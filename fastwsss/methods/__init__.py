@@ -2,7 +2,7 @@
 (``base.Method``), the pieces they share (``common.py``, ``losses.py``), and the registry that ``train.method`` names
 an entry of.
 
-A new method is a new file with a ``Method`` subclass, registered with :func:`register` (README "Adding a method").
+A new method is a new file with a ``Method`` subclass, registered with :func:`register` (docs/adding-a-method.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What a method is to the rest of fastwsss: one small protocol (:class:`Method`) that the loop, the loader, the
-optimiser, checkpoints and inference talk to, so that a method is one file (README "Adding a method").
+optimiser, checkpoints and inference talk to, so that a method is one file (docs/adding-a-method.md).
 
 A training step, as the loop runs it (``fastwsss.training``)::
 

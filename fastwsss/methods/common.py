@@ -19,7 +19,7 @@ from .losses import reg_loss, seg_loss
 
 def classification_terms(model: WSSSNet, out: Outputs, cls_label: torch.Tensor, images: torch.Tensor,
                          w_cls_aux: float) -> dict[str, Term]:
-    """``cls`` and ``cls_aux`` (SPEC §7.2): multilabel soft margin of both heads, summed over the part's images and
+    """``cls`` and ``cls_aux`` (docs/methods/toco-mcc.md §7.2): multilabel soft margin of both heads, summed over the part's images and
     divided by the step's ``images``; ``cls`` also carries :func:`idle_anchor` (every parameter gets a gradient)."""
     cls = F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_label, reduction="sum") / images
     terms = {"cls": Term(cls + idle_anchor(model), 1.0)}
@@ -31,7 +31,7 @@ def classification_terms(model: WSSSNet, out: Outputs, cls_label: torch.Tensor, 
 
 def seg_reg_terms(out: Outputs, batch: dict, seg_label: torch.Tensor, weights: dict[str, float],
                   norm: dict[str, torch.Tensor], cfg: Config) -> dict[str, Term]:
-    """``seg`` (SPEC §7.5) and ``reg`` (§7.6) on the decoder's logits upsampled to the crop, while weighted."""
+    """``seg`` (docs/methods/toco-mcc.md §7.5) and ``reg`` (§7.6) on the decoder's logits upsampled to the crop, while weighted."""
     x = batch["img"]
     terms = {}
     if not (weights["seg"] or weights["reg"]):
@@ -46,7 +46,7 @@ def seg_reg_terms(out: Outputs, batch: dict, seg_label: torch.Tensor, weights: d
 
 def reg_term(seg: torch.Tensor, images: torch.Tensor, img_box: torch.Tensor, seg_label: torch.Tensor, weight: float,
              norm: dict[str, torch.Tensor], cfg: Config) -> Term:
-    """The gated dense-CRF regularisation (SPEC §7.6) of the upsampled logits ``seg`` [b, C, H, W] on the
+    """The gated dense-CRF regularisation (docs/methods/toco-mcc.md §7.6) of the upsampled logits ``seg`` [b, C, H, W] on the
     normalised ``images``, ``loss.reg_*`` settings, over the step's images."""
     loss = cfg.loss
     return Term(reg_loss(seg, denormalize(images.float()), img_box, seg_label, sigma_rgb=loss.reg_sigma_rgb,
@@ -56,7 +56,7 @@ def reg_term(seg: torch.Tensor, images: torch.Tensor, img_box: torch.Tensor, seg
 
 def affinity_term(feat: torch.Tensor, aff_label: torch.Tensor, norm: dict[str, torch.Tensor], parts: int,
                   weight: float, cfg: Config) -> Term:
-    """The token affinity term (ToCo PTC / MCC aff, SPEC §7.3) of the feature map ``feat`` [b, D, h, w] against the
+    """The token affinity term (ToCo PTC / MCC aff, docs/methods/toco-mcc.md §7.3) of the feature map ``feat`` [b, D, h, w] against the
     token labels [b, N], over the step's positive / negative pair counts ``norm["pos"]`` / ``norm["neg"]``."""
     tokens = feat.flatten(2).transpose(1, 2)  # [b, N, D]
     sp, _, sn, _ = token_affinity_sums(tokens, aff_label, backend=cfg.kernels.backend,

@@ -193,7 +193,7 @@ class CoSA(Method):
         return model(batch["img"], with_seg=bool(it.weights["seg"] or it.weights["reg"]))
 
     def _labeller(self, high: float, low: float) -> PseudoLabeller:
-        """The official ``cam2mask``: SPEC §4.2's labels without PAR (refine_seg_label with no iteration)."""
+        """The official ``cam2mask``: docs/methods/toco-mcc.md §4.2's labels without PAR (refine_seg_label with no iteration)."""
         return PseudoLabeller(high, low, par_num_iter=0, backend=self.cfg.kernels.backend)
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Loss terms of ToCo and MCC (SPEC §7). Each returns a scalar; weighting and scheduling live in the step.
+"""Loss terms of ToCo and MCC (docs/methods/toco-mcc.md §7). Each returns a scalar; weighting and scheduling live in the step.
 
 A term that averages over the batch (images, pixels) takes its denominator as an argument too: a part of a batch
 split over processes or micro-batches is divided by the whole batch's count, so the parts add up to the whole."""
@@ -17,7 +17,7 @@ from ..pseudo import box_mask
 
 def contrast_loss(teacher: torch.Tensor, student: torch.Tensor, flags: torch.Tensor, temperature: float = 0.5,
                   extra_term: bool = True, num_images: float | torch.Tensor | None = None) -> torch.Tensor:
-    """ToCo CTC / MCC InfoNCE (identical code), SPEC §7.4, in log space so raw dot products cannot overflow.
+    """ToCo CTC / MCC InfoNCE (identical code), docs/methods/toco-mcc.md §7.4, in log space so raw dot products cannot overflow.
 
     teacher [B, A, E] (A = 2 global views), student [B, V, E] (V = 2 globals + locals), flags [B, V] (1 = positive;
     the globals are always positive). With z = t_a . s_j / tau and n_a = sum over negatives of exp(z):
@@ -59,7 +59,7 @@ def seg_loss_halves(logits: torch.Tensor, label: torch.Tensor, counts: torch.Ten
 
 def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
              counts: torch.Tensor | None = None) -> torch.Tensor:
-    """0.5 * (CE over foreground pixels + CE over background pixels), SPEC §7.5 (:func:`seg_loss_halves`). An empty
+    """0.5 * (CE over foreground pixels + CE over background pixels), docs/methods/toco-mcc.md §7.5 (:func:`seg_loss_halves`). An empty
     half contributes nothing (the reference gives NaN there and poisons the step)."""
     fg, bg = seg_loss_halves(logits, label, counts, ignore_index=ignore_index)
     return 0.5 * (fg + bg)
@@ -93,7 +93,7 @@ class _GatedCRFLoss(torch.autograd.Function):
 def reg_loss(seg_logits: torch.Tensor, images: torch.Tensor, img_box: torch.Tensor, seg_label: torch.Tensor, *,
              sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale: float = 0.5, exact_grad: bool = False,
              backend: str = "auto", num_images: float | None = None) -> torch.Tensor:
-    """Gated dense-CRF regularisation (SPEC §7.6). ``seg_logits`` [B, C, H, W] at image size, ``images`` [B, 3, H, W]
+    """Gated dense-CRF regularisation (docs/methods/toco-mcc.md §7.6). ``seg_logits`` [B, C, H, W] at image size, ``images`` [B, 3, H, W]
     in 0..255, ``img_box`` [B, 4], ``seg_label`` [B, H, W] (255 = ignore). Everything is scaled by ``scale`` (image,
     ROI and label nearest, probabilities bilinear); σ_xy is scaled with it. ``backend`` picks the lattice filter's
     implementation (``fastwsss.kernels.PermutohedralLattice``); the sum is divided by ``num_images`` (default B)."""

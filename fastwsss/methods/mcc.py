@@ -32,7 +32,7 @@ FORWARDS = ("drop", "masked")
 
 @dataclass
 class MCCConfig:
-    """``mcc:``, MCC's own settings (its masked local views, SPEC §6); the rest is ToCo's (``loss:``,
+    """``mcc:``, MCC's own settings (its masked local views, docs/methods/toco-mcc.md §6); the rest is ToCo's (``loss:``,
     ``contrast:``)."""
 
     mask_prob: float = 0.95  # probability that a cell of the token grid is hidden
@@ -51,7 +51,7 @@ class MCCConfig:
 
 def random_key_masks(rng: np.random.Generator, num_masks: int, grid: tuple[int, int], mask_prob: float = 0.95,
                      cell: int = 4) -> np.ndarray:
-    """MCC key masks (SPEC §6): one Bernoulli(mask_prob) draw per cell x cell block of the token grid,
+    """MCC key masks (docs/methods/toco-mcc.md §6): one Bernoulli(mask_prob) draw per cell x cell block of the token grid,
     nearest-upsampled to the grid. Returns ``keep`` [num_masks, h*w] bool, True = visible."""
     h, w = grid
     ch, cw = max(1, h // cell), max(1, w // cell)

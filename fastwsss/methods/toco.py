@@ -25,7 +25,7 @@ from .losses import contrast_loss, seg_label_counts
 
 @dataclass
 class ToCoConfig:
-    """``toco:``, ToCo's own settings (its local crops, SPEC §5); the terms' weights and schedule are ``loss:``, the
+    """``toco:``, ToCo's own settings (its local crops, docs/methods/toco-mcc.md §5); the terms' weights and schedule are ``loss:``, the
     projector, teacher and flags ``contrast:``."""
 
     crop_size: int = 96  # side of the local crops, in pixels of the training crop
@@ -93,7 +93,7 @@ class ToCo(Method):
                 for name in ("aff", "con", "seg", "reg")}
 
     def before_step(self, model: WSSSNet, step: int) -> None:
-        """The projector's EMA teacher, once per step before its forward (SPEC §2); every step, also while the
+        """The projector's EMA teacher, once per step before its forward (docs/methods/toco-mcc.md §2); every step, also while the
         contrast term is off, as the authors' ``forward_proj`` (ToCo's and MCC's) runs it on every iteration."""
         ema_update(model.proj_head_t, model.proj_head, self.cfg.contrast.ema_momentum)
 
@@ -148,7 +148,7 @@ class ToCo(Method):
 
     def contrast(self, model: WSSSNet, batch: dict, step: int, targets: ToCoTargets, out: Outputs,
                  images: torch.Tensor) -> torch.Tensor:
-        """The class-token contrast (SPEC §7.4): the student projector over the class tokens of the image, the
+        """The class-token contrast (docs/methods/toco-mcc.md §7.4): the student projector over the class tokens of the image, the
         second global view and the local views, against the teacher's of the two global views."""
         x = batch["img"]
         local_tokens, local_flags = self.local_views(model, batch, targets, step)
@@ -162,7 +162,7 @@ class ToCo(Method):
 
     def local_views(self, model: WSSSNet, batch: dict, targets: ToCoTargets, step: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ToCo's local views (SPEC §5): crops of the local image centred on uncertain / background pixels of the
+        """ToCo's local views (docs/methods/toco-mcc.md §5): crops of the local image centred on uncertain / background pixels of the
         aux-CAM roi. Returns their class tokens [B, M, D] and flags [B, M] (1 = positive)."""
         cfg = self.cfg
         local, cams_aux = batch["local"], targets.cams_aux

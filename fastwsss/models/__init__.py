@@ -1,4 +1,4 @@
-"""Models: timm ViT backbone (SPEC §1) and the WSSS heads (SPEC §2)."""
+"""Models: timm ViT backbone (docs/methods/toco-mcc.md §1) and the WSSS heads (docs/methods/toco-mcc.md §2)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def build_model(num_classes: int, *, backbone: str, pretrained: str = "none", pr
                 freeze_pos_embed: bool = True, decoder_channels: int = 512, decoder_dilation: int = 5,
                 attention_backend: str = "auto") -> WSSSNet:
     """A timm ViT ``backbone`` (``pretrained``: "none" or "" random init, "timm" timm's hub weights, else a local
-    file) plus the heads for ``num_classes`` classes. The keyword arguments are ``ModelConfig``'s fields (SPEC §1,
+    file) plus the heads for ``num_classes`` classes. The keyword arguments are ``ModelConfig``'s fields (docs/methods/toco-mcc.md §1,
     §2). The blocks' attention is the kernels' drop-in ``MaskedKeyAttention`` (same weights and, without a key mask,
     timm's computation), running key masks with ``attention_backend``."""
     vit = create_vit(backbone, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,

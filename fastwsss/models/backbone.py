@@ -1,4 +1,4 @@
-"""Plain ViT backbone (timm modules and parameter names) with SPEC §1 behaviour.
+"""Plain ViT backbone (timm modules and parameter names) with docs/methods/toco-mcc.md §1 behaviour.
 
 ``forward_features`` returns the final class token, the final patch tokens and the patch tokens of an
 intermediate block before any norm. The patch part of the position embedding is resampled bicubically

@@ -1,4 +1,4 @@
-"""The WSSS network: ViT backbone + classifier, auxiliary classifier and LargeFOV decoder (SPEC §2)."""
+"""The WSSS network: ViT backbone + classifier, auxiliary classifier and LargeFOV decoder (docs/methods/toco-mcc.md §2)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .backbone import forward_features
 
 
 class LargeFOV(nn.Sequential):
-    """3x3 conv dil 5 -> ReLU -> 3x3 conv dil 5 -> ReLU -> 1x1 conv; no conv has a bias (SPEC §2, as the authors'
+    """3x3 conv dil 5 -> ReLU -> 3x3 conv dil 5 -> ReLU -> 1x1 conv; no conv has a bias (docs/methods/toco-mcc.md §2, as the authors'
     decoder); keeps the stride."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 512, dilation: int = 5):

@@ -1,4 +1,4 @@
-"""Contrast projector (DINO style, SPEC §2) and its EMA teacher."""
+"""Contrast projector (DINO style, docs/methods/toco-mcc.md §2) and its EMA teacher."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pseudo labels (SPEC §3 step 1, §4): multi-scale CAMs, CAM -> label, the PAR-refined segmentation label, the token
+"""Pseudo labels (docs/methods/toco-mcc.md §3 step 1, §4): multi-scale CAMs, CAM -> label, the PAR-refined segmentation label, the token
 affinity label and the roi map of the local views. No trainable parameters; everything runs in fp32 under autocast."""
 
 from .cams import box_mask, cam_to_label, ignore_outside_box, minmax_normalize, multiscale_cams

@@ -1,4 +1,4 @@
-"""Class activation maps: multi-scale CAM (SPEC §3 step 1) and CAM -> label (SPEC §4.1)."""
+"""Class activation maps: multi-scale CAM (docs/methods/toco-mcc.md §3 step 1) and CAM -> label (docs/methods/toco-mcc.md §4.1)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Pseudo labels from CAMs (SPEC §4): the PAR-refined segmentation label, the token affinity label, and the
-roi map that the local views' flags are cut from (SPEC §5, §6)."""
+"""Pseudo labels from CAMs (docs/methods/toco-mcc.md §4): the PAR-refined segmentation label, the token affinity label, and the
+roi map that the local views' flags are cut from (docs/methods/toco-mcc.md §5, §6)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def refine_seg_label(
     round_denorm: bool = False,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """CAMs [B, C-1, H, W] in [0, 1] -> segmentation label [B, H, W] (SPEC §4.2).
+    """CAMs [B, C-1, H, W] in [0, 1] -> segmentation label [B, H, W] (docs/methods/toco-mcc.md §4.2).
 
     For each background constant (high, low): channels [background, cls-masked CAM] at 1/down_scale size, softmax
     over background + present classes, PAR on the (quantised) image, upsampled, argmax over the present channels.
@@ -118,7 +118,7 @@ def affinity_label(
     scale_box_to_grid: bool = False,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Aux CAMs [B, C-1, H, W] -> token labels [B, h*w] in {0..C-1, ignore} (SPEC §4.3).
+    """Aux CAMs [B, C-1, H, W] -> token labels [B, h*w] in {0..C-1, ignore} (docs/methods/toco-mcc.md §4.3).
 
     Faithful default: ``img_box`` (image pixels) is applied to the token grid as is (the reference quirk, which
     drops affinity supervision on padded crops); ``scale_box_to_grid`` maps it onto the grid instead.

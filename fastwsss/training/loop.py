@@ -1,7 +1,7 @@
 """The training loop: one function for every method, readable top to bottom: build, then run (autocast, step,
 log, evaluate, checkpoint). What a method computes is its own (``fastwsss.methods``); one step's forwards and
 backwards are ``step.forward_backward``. ``python -m fastwsss.train`` is the command; under torchrun every process
-runs this loop on its share of each step's batch (README "Many GPUs")."""
+runs this loop on its share of each step's batch (docs/distributed.md)."""
 
 from __future__ import annotations
 

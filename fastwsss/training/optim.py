@@ -1,4 +1,4 @@
-"""The optimiser and its schedule (SPEC §9): AdamW over the method's parameter groups (by default the encoder and
+"""The optimiser and its schedule (docs/methods/toco-mcc.md §9): AdamW over the method's parameter groups (by default the encoder and
 the heads), linear warm-up then poly decay on the global step."""
 
 from __future__ import annotations
