@@ -1,7 +1,9 @@
 """benchmarks/compile_check.py: every Triton kernel compiled for sm_90 and sm_80 by the real compiler (no GPU needed),
 at the launches the project's callers make, within the budgets; and the rules that fail a kernel, each shown to fail.
 
-The full check (every case, both targets, a cold Triton cache) takes ~2 minutes on the 2-core CI machine."""
+The full check (every case, both targets, a cold Triton cache: 444 compilations since it covers every attention head
+dim, 180 before) takes ~4 minutes of CPU, an estimated ~2.7 minutes on the 2-core CI machine (it took 1.4 before;
+measured on a shared 2-core machine: 6.0 minutes against 3.0 before)."""
 
 from __future__ import annotations
 
