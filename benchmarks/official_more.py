@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastwsss.data.transforms import denormalize, denormalize_uint8
-from fastwsss.kernels import par
+from fastwsss.kernels import par_refine
 from fastwsss.methods.losses import reg_loss
 
 # ---- the backbone (model/backbone/mat_vit.py, vit.py)
@@ -209,7 +209,7 @@ def refine_cams_with_bkg_v2(inputs: torch.Tensor, cams: torch.Tensor, cls_labels
         for i in range(b):
             key = torch.nonzero(cls_labels[i])[:, 0]
             probs = stack[i, key][None].softmax(dim=1)
-            refined = par(small[[i]], probs, dilations=tuple(dilations), num_iter=num_iter, backend="torch")
+            refined = par_refine(small[[i]], probs, dilations=tuple(dilations), num_iter=num_iter, backend="torch")
             refined = F.interpolate(refined, size=(h, w), mode="bilinear", align_corners=False)
             label[i] = key[refined.argmax(dim=1)][0]
         labels.append(label)
