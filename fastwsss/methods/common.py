@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from ..config import Config
 from ..data.transforms import denormalize
 from ..kernels import token_affinity_sums
-from ..kernels.affinity import loss_from_sums
+from ..kernels.affinity import loss_from_sums, pair_counts
 from ..models import Outputs, WSSSNet
 from .base import Term, idle_anchor
-from .losses import reg_loss, seg_loss
+from .losses import reg_loss, seg_label_counts, seg_loss
 
 
 def classification_terms(model: WSSSNet, out: Outputs, cls_label: torch.Tensor, images: torch.Tensor,
@@ -63,6 +63,16 @@ def affinity_term(feat: torch.Tensor, aff_label: torch.Tensor, norm: dict[str, t
                                        num_classes=cfg.data.num_classes).unbind()
     sums = torch.stack([sp.double(), norm["pos"], sn.double(), norm["neg"]])  # float64, as the denominators
     return Term(loss_from_sums(sums, parts=parts).to(feat.dtype), weight)
+
+
+def label_counts(seg_label: torch.Tensor | None, aff_label: torch.Tensor | None, num_classes: int,
+                 like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The denominators of the segmentation and affinity terms: foreground / background pixels of ``seg_label`` and
+    positive / negative token pairs of ``aff_label`` (0 where a label is not made this step), float64 like ``like``."""
+    zero = like.new_zeros(2, dtype=torch.float64)
+    fg, bg = seg_label_counts(seg_label) if seg_label is not None else zero
+    pos, neg = pair_counts(aff_label, num_classes) if aff_label is not None else zero
+    return {"fg": fg, "bg": bg, "pos": pos, "neg": neg}
 
 
 def sample_generator(cfg: Config, position: int, device: torch.device) -> torch.Generator:

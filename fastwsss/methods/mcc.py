@@ -79,8 +79,8 @@ class MCCViews(ToCoViews):
 class MCC(ToCo):
     name = "mcc"
     config = MCCConfig
-    log_names: ClassVar[dict[str, str]] = {"cls": "cls_loss", "cls_aux": "cls_loss_aux", "aff": "aff_loss", "con": "con_loss",
-                 "seg": "seg_loss", "reg": "reg_loss"}
+    log_names: ClassVar[dict[str, str]] = {"cls": "cls_loss", "cls_aux": "cls_loss_aux", "aff": "aff_loss",
+                                           "con": "con_loss", "seg": "seg_loss", "reg": "reg_loss"}
 
     def sample_views(self, model: WSSSNet) -> MCCViews:
         toco, m = super().sample_views(model), self.cfg.mcc

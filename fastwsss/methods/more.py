@@ -26,14 +26,13 @@ from torch import nn
 from ..config import Config, check_range
 from ..data.transforms import maybe_flip, normalize, photometric, random_pad_crop, random_rescale, random_resized_crop
 from ..kernels import swap_attention
-from ..kernels.affinity import pair_counts
 from ..models import WSSSNet, create_vit, load_pretrained
 from ..models.network import max_pool_logits, tokens_to_map
 from ..pseudo import affinity_label, minmax_normalize, multiscale_cams
 from ..runtime import fp32_arithmetic
 from .base import Iteration, Method, Term
-from .common import affinity_term, classification_terms, reg_term
-from .losses import seg_label_counts, seg_loss_halves
+from .common import affinity_term, classification_terms, label_counts, reg_term
+from .losses import seg_loss_halves
 
 POS_INTERPOLATIONS = ("scale_factor", "size")
 CROPS = ("resized", "rescale_pad")
@@ -537,12 +536,9 @@ class MoRe(Method):
     def counts(self, targets: MoReTargets, batch: dict) -> dict[str, torch.Tensor]:
         """Images, segmentation-label foreground / background pixels, positive / negative token pairs, UNE's tokens."""
         counts = super().counts(targets, batch)
-        zero = counts["images"].new_zeros(2)
-        fg, bg = seg_label_counts(targets.seg_label) if targets.seg_label is not None else zero
-        pos, neg = (pair_counts(targets.aff_label, self.cfg.data.num_classes) if targets.aff_label is not None
-                    else zero)
-        une = targets.une_valid.sum().double() if targets.une_valid is not None else zero[0]
-        return {**counts, "fg": fg, "bg": bg, "pos": pos, "neg": neg, "une_tokens": une}
+        une = targets.une_valid.sum().double() if targets.une_valid is not None else counts["images"].new_zeros(())
+        return {**counts, **label_counts(targets.seg_label, targets.aff_label, self.cfg.data.num_classes,
+                                         counts["images"]), "une_tokens": une}
 
     def terms(self, model: MoReNet, batch: dict, it: Iteration, targets: MoReTargets, norm: dict[str, torch.Tensor],
               parts: int, out: MoReOutputs) -> dict[str, Term]:

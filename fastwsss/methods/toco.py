@@ -14,13 +14,19 @@ from PIL import Image
 
 from ..config import Config, check_range
 from ..data.transforms import CropViews, contrast_sample, normalize
-from ..kernels.affinity import pair_counts
 from ..models import Outputs, ProjectionHead, WSSSNet, ema_update, forward_features, make_teacher
 from ..pseudo import affinity_label, multiscale_cams, roi_map
 from ..runtime import fp32_arithmetic
 from .base import Iteration, Method, Term
-from .common import affinity_term, classification_terms, contrast_errors, sample_generator, seg_reg_terms
-from .losses import contrast_loss, seg_label_counts
+from .common import (
+    affinity_term,
+    classification_terms,
+    contrast_errors,
+    label_counts,
+    sample_generator,
+    seg_reg_terms,
+)
+from .losses import contrast_loss
 
 
 @dataclass
@@ -70,8 +76,8 @@ class ToCoTargets:
 class ToCo(Method):
     name = "toco"
     config = ToCoConfig
-    log_names: ClassVar[dict[str, str]] = {"cls": "cls_loss", "cls_aux": "cls_loss_aux", "aff": "ptc_loss", "con": "ctc_loss",
-                 "seg": "seg_loss", "reg": "reg_loss"}
+    log_names: ClassVar[dict[str, str]] = {"cls": "cls_loss", "cls_aux": "cls_loss_aux", "aff": "ptc_loss",
+                                           "con": "ctc_loss", "seg": "seg_loss", "reg": "reg_loss"}
 
     def sample_views(self, model: WSSSNet) -> ToCoViews:
         d, q = self.cfg.data, self.cfg.quirks
@@ -129,11 +135,8 @@ class ToCo(Method):
     def counts(self, targets: ToCoTargets, batch: dict) -> dict[str, torch.Tensor]:
         """Images, segmentation-label foreground / background pixels, positive / negative token pairs."""
         counts = super().counts(targets, batch)
-        zero = counts["images"].new_zeros(2)
-        fg, bg = seg_label_counts(targets.seg_label) if targets.seg_label is not None else zero
-        pos, neg = (pair_counts(targets.aff_label, self.cfg.data.num_classes) if targets.aff_label is not None
-                    else zero)
-        return {**counts, "fg": fg, "bg": bg, "pos": pos, "neg": neg}
+        return {**counts, **label_counts(targets.seg_label, targets.aff_label, self.cfg.data.num_classes,
+                                         counts["images"])}
 
     def terms(self, model: WSSSNet, batch: dict, it: Iteration, targets: ToCoTargets, norm: dict[str, torch.Tensor],
               parts: int, out: Outputs) -> dict[str, Term]:
