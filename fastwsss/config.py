@@ -30,6 +30,7 @@ class SyntheticConfig:
     num_val: int = 300
     image_size: int = 128
     seed: int = 0
+    clutter: float = 1.0  # how many background blobs and lines (0: none; the same images otherwise)
 
 
 @dataclass

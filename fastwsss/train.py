@@ -13,9 +13,11 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 from . import version_string
 from .cli import user_errors
-from .config import load_config, packaged_configs_help, to_yaml
+from .config import Config, load_config, packaged_configs, packaged_configs_help, to_yaml
 from .inference.predict import check_model, check_weights
 from .training import NothingToTrain, TrainingInterrupted, train, without_pretrained
 
@@ -73,6 +75,42 @@ def main(argv: list[str] | None = None) -> None:
                if not math.isnan(result.get(key, math.nan))]
     if summary:
         print("mIoU %: " + " | ".join(summary))
+    if result.get("it_per_s"):
+        print(f"it/s ({torch.get_num_threads()} threads) by the terms on: "
+              + "; ".join(f"{phase} {rate:.2f}" for phase, rate in result["it_per_s"].items()))
+    for line in what_it_showed(cfg, result):
+        print(line)
+
+
+def what_it_showed(cfg: Config, result: dict) -> list[str]:
+    """A finished run's last two lines: its segmentation (the CAM baseline: its CAM) against the trivial baselines
+    and where the overlays and curves are; then how to compare it with the CAM baseline (or the method with it)."""
+    if not result:
+        return []
+
+    def pct(key: str) -> str:
+        return f"{100 * result[key]:.1f}" if not math.isnan(result.get(key, math.nan)) else "n/a"
+
+    baseline = "seg_miou" not in result  # a method that trains no segmentation (the CAM baseline): its CAM
+    shown = ("its CAM (given the image labels)" if baseline else "its segmentation (no labels at test time)")
+    key = "cam_miou" if baseline else "seg_miou"
+    vis = Path(cfg.run.dir) / "vis" / f"val_{result['step']:06d}.png"
+    first = (f"Shown: {shown} mIoU {pct(key)} % against all-background {pct('all-bg_miou')} and "
+             f"most-likely-present-class {pct('likely-cls_miou')}; "
+             + (f"overlays {vis}, " if vis.is_file() else "")
+             + f"curves: python -m fastwsss.plot {cfg.run.dir}")
+    packaged = packaged_configs()
+    if baseline:
+        method = cfg.name.removesuffix("_cam")
+        other = (f"--config {method}" if cfg.name.endswith("_cam") and method in packaged
+                 else f"--config {cfg.name} train.method=mcc (or toco, cosa, more)")
+        second = f"Compare with the method on the same data and ViT: python -m fastwsss.train {other}"
+    else:
+        other = (f"--config {cfg.name}_cam" if f"{cfg.name}_cam" in packaged
+                 else f"--config {cfg.name} train.method=cam")
+        second = (f"Compare with the CAM baseline (its CAM given the image labels): python -m fastwsss.train {other}"
+                  + ("; over several seeds: python benchmarks/demo_seeds.py" if cfg.name.startswith("demo") else ""))
+    return [first, second]
 
 
 if __name__ == "__main__":

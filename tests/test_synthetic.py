@@ -203,3 +203,21 @@ def test_invalid_arguments(tmp_path: pathlib.Path) -> None:
         generate_dataset(tmp_path, num_train=-1, num_val=1)
     with pytest.raises(ValueError):
         generate_dataset(tmp_path, num_train=1, num_val=1, image_size=8)
+
+
+def test_clutter_scales_the_background_only(tmp_path):
+    """data.synthetic.clutter: fewer background blobs and lines, the same objects and masks; 1 is the default data."""
+    roots = {c: generate_dataset(tmp_path / str(c), num_train=6, num_val=0, image_size=64, clutter=c)
+             for c in (1.0, 0.0)}
+    default = generate_dataset(tmp_path / "default", num_train=6, num_val=0, image_size=64)
+    names = (default / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split()
+    for name in names:
+        assert (roots[1.0] / "JPEGImages" / f"{name}.jpg").read_bytes() == \
+            (default / "JPEGImages" / f"{name}.jpg").read_bytes()
+        masks = [np.asarray(Image.open(r / "SegmentationClassAug" / f"{name}.png")) for r in roots.values()]
+        np.testing.assert_array_equal(*masks)
+    images = [np.stack([np.asarray(Image.open(r / "JPEGImages" / f"{n}.jpg"), dtype=np.float32) for n in names])
+              for r in roots.values()]
+    assert np.abs(images[0] - images[1]).max() > 100  # blobs and lines gone
+    with pytest.raises(ValueError, match="clutter"):
+        generate_dataset(tmp_path / "bad", num_train=1, num_val=0, image_size=32, clutter=-1)

@@ -87,3 +87,33 @@ def test_cli_rejects_unknown_flags(capsys):
     with pytest.raises(SystemExit):
         main(["--confg", "x.yaml"])
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_finished_run_says_what_it_showed_and_how_fast_each_phase_ran(synthetic_root, tmp_path, capsys):
+    """The demo's last lines: the segmentation against the trivial baselines, where the overlays and curves are, how to
+    compare with the CAM baseline; and iterations per second for each phase (the set of terms on) from results.json."""
+    from tests.conftest import TINY_OVERRIDES
+
+    common = [*TINY_OVERRIDES, f"data.root={synthetic_root}", "train.max_iters=8", "train.eval_interval=8",
+              "loss.aff_start=4", "loss.con_start=4", "loss.seg_start=4", "loss.reg_start=4"]
+    main(["--config", "demo", *common, f"run.dir={tmp_path / 'mcc'}"])
+    out = capsys.readouterr().out.splitlines()
+    result = json.loads((tmp_path / "mcc" / "results.json").read_text())
+    phases = list(result["it_per_s"])
+    assert phases == ["cls_loss + cls_loss_aux",
+                      "cls_loss + cls_loss_aux + aff_loss + con_loss + seg_loss + reg_loss"], phases
+    assert all(rate > 0 for rate in result["it_per_s"].values())
+    shown, compare = out[-2:]
+    assert shown.startswith(f"Shown: its segmentation (no labels at test time) mIoU {100 * result['seg_miou']:.1f} %")
+    assert f"all-background {100 * result['all-bg_miou']:.1f}" in shown
+    assert f"overlays {tmp_path / 'mcc' / 'vis' / 'val_000008.png'}" in shown
+    assert f"python -m fastwsss.plot {tmp_path / 'mcc'}" in shown
+    assert "python -m fastwsss.train --config demo_cam" in compare and "demo_seeds.py" in compare
+    assert any(line.startswith("it/s (") and "cls_loss + cls_loss_aux " in line for line in out)
+
+    main(["--config", "demo_cam", *common, f"run.dir={tmp_path / 'cam'}"])
+    shown, compare = capsys.readouterr().out.splitlines()[-2:]
+    result = json.loads((tmp_path / "cam" / "results.json").read_text())
+    assert shown.startswith(f"Shown: its CAM (given the image labels) mIoU {100 * result['cam_miou']:.1f} %")
+    assert "pseudo_miou" in result  # the baseline's PAR-refined labels, what the method's are compared with
+    assert compare.endswith("python -m fastwsss.train --config demo")

@@ -163,15 +163,17 @@ def _bilinear_field(rng: np.random.Generator, cells_y: int, cells_x: int, height
     return np.asarray(field, dtype=np.float32)
 
 
-def _draw_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Cluttered background, float32 (height, width, 3) in [0, 255]-ish."""
+def _draw_background(rng: np.random.Generator, height: int, width: int, clutter: float = 1.0) -> np.ndarray:
+    """Cluttered background, float32 (height, width, 3) in [0, 255]-ish; ``clutter`` scales the number of blobs and
+    lines (1: 2-5 blobs and 3-7 lines; the random draws are the same for every value, only fewer are painted)."""
     short = min(height, width)
     coarse = _bilinear_field(rng, int(rng.integers(1, 4)), int(rng.integers(1, 4)), height, width)
     fine = _bilinear_field(rng, int(rng.integers(5, 10)), int(rng.integers(5, 10)), height, width)
     canvas = coarse + (fine - 127.5) * float(rng.uniform(20.0, 60.0) / 255.0)
 
     # Small irregular solid blobs: wobbly ellipses.
-    for _ in range(int(rng.integers(2, 6))):
+    blobs = int(rng.integers(2, 6))
+    for k in range(blobs):
         r = float(rng.uniform(0.03, 0.08)) * short
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
         y0, y1 = max(int(cy - 1.4 * r), 0), min(int(cy + 1.4 * r) + 1, height)
@@ -189,10 +191,13 @@ def _draw_background(rng: np.random.Generator, height: int, width: int) -> np.nd
         phi = np.arctan2(v, u)
         bound = 1.0 + wob[0] * np.cos(2 * phi + phase[0]) + wob[1] * np.cos(3 * phi + phase[1])
         inside = u * u + v * v <= bound * bound
-        canvas[y0:y1, x0:x1][inside] = rng.uniform(0, 255, size=3).astype(np.float32)
+        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        if k < round(clutter * blobs):
+            canvas[y0:y1, x0:x1][inside] = colour
 
     # Thin lines: straight or quadratic Bezier curves, 1-2 px wide, endpoints possibly outside the image.
-    for _ in range(int(rng.integers(3, 8))):
+    lines = int(rng.integers(3, 8))
+    for k in range(lines):
         pts = rng.uniform(-0.1, 1.1, size=(3, 2)) * np.array([height, width])
         if rng.uniform() < 0.5:
             pts[1] = 0.5 * (pts[0] + pts[2])
@@ -203,7 +208,9 @@ def _draw_background(rng: np.random.Generator, height: int, width: int) -> np.nd
         if rng.uniform() < 0.4:
             ys, xs = np.concatenate([ys, ys + 1]), np.concatenate([xs, xs])
         keep = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
-        canvas[ys[keep], xs[keep]] = rng.uniform(0, 255, size=3).astype(np.float32)
+        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        if k < round(clutter * lines):
+            canvas[ys[keep], xs[keep]] = colour
     return canvas
 
 
@@ -270,9 +277,9 @@ def _layout(rng: np.random.Generator, height: int, width: int) -> list[_Object]:
         classes = classes[:-1]
 
 
-def _render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _render(rng: np.random.Generator, height: int, width: int, clutter: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Render one sample. Returns image uint8 (height, width, 3) and class-index mask uint8 (height, width)."""
-    canvas = _draw_background(rng, height, width)
+    canvas = _draw_background(rng, height, width, clutter)
     label = np.zeros((height, width), dtype=np.uint8)
     for obj in _layout(rng, height, width):
         colours = np.stack([rng.uniform(150.0, 255.0, size=3), rng.uniform(0.0, 105.0, size=3)]).astype(np.float32)
@@ -307,9 +314,10 @@ def _list_path(root: pathlib.Path, layout: str, split: str) -> pathlib.Path:
     return root / "ImageSets" / f"{split}.txt"
 
 
-def _write_sample(task: tuple[str, int], *, root: str, layout: str, height: int, width: int, seed: int) -> None:
+def _write_sample(task: tuple[str, int], *, root: str, layout: str, height: int, width: int, seed: int,
+                  clutter: float) -> None:
     split, index = task
-    image, label = _render(np.random.default_rng([seed, _SPLIT_IDS[split], index]), height, width)
+    image, label = _render(np.random.default_rng([seed, _SPLIT_IDS[split], index]), height, width, clutter)
     image_dir, mask_dir = _sample_dirs(pathlib.Path(root), layout, split)
     name = _sample_name(layout, split, index)
     Image.fromarray(image).save(image_dir / f"{name}.jpg", format="JPEG", quality=95, subsampling=0)
@@ -337,6 +345,7 @@ def generate_dataset(
     seed: int = 0,
     layout: Literal["voc", "coco"] = "voc",
     num_workers: int = 0,
+    clutter: float = 1.0,
 ) -> pathlib.Path:
     """Write the synthetic dataset under ``root`` and return ``root`` as a path.
 
@@ -349,7 +358,8 @@ def generate_dataset(
     version) is written last; if it already holds identical parameters nothing is written. Otherwise the marker is
     removed first and everything is regenerated (files of an earlier generation that are not overwritten are left
     in place, but are not listed in the split files). ``num_workers > 0`` renders with a process pool; the output is
-    byte-identical for every ``num_workers``, so it is not part of the marker.
+    byte-identical for every ``num_workers``, so it is not part of the marker. ``clutter`` (>= 0) scales how many
+    background blobs and lines are painted (1: the default data; 0: a smooth, noisy background).
     """
     if layout not in ("voc", "coco"):
         raise ValueError(f"layout must be 'voc' or 'coco', got {layout!r}")
@@ -357,6 +367,8 @@ def generate_dataset(
         raise ValueError("num_train and num_val must be non-negative")
     if num_workers < 0:
         raise ValueError("num_workers must be non-negative")
+    if not clutter >= 0:
+        raise ValueError(f"clutter must be >= 0, got {clutter!r}")
     height, width = _normalise_size(image_size)
     root = pathlib.Path(root)
     marker_path = root / _MARKER_NAME
@@ -368,6 +380,7 @@ def generate_dataset(
         "image_size": [height, width],
         "seed": int(seed),
         "layout": layout,
+        **({"clutter": float(clutter)} if clutter != 1.0 else {}),  # the default's marker as before: no regeneration
     }
     try:
         if json.loads(marker_path.read_text()) == params:
@@ -382,7 +395,8 @@ def generate_dataset(
             directory.mkdir(parents=True, exist_ok=True)
 
     tasks = [(split, index) for split, count in splits.items() for index in range(count)]
-    write = functools.partial(_write_sample, root=str(root), layout=layout, height=height, width=width, seed=seed)
+    write = functools.partial(_write_sample, root=str(root), layout=layout, height=height, width=width, seed=seed,
+                              clutter=float(clutter))
     if num_workers == 0 or len(tasks) <= 1:
         for task in tasks:
             write(task)

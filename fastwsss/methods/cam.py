@@ -14,7 +14,7 @@ from .common import classification_terms
 class CAM(Method):
     name = "cam"
     log_names: ClassVar[dict[str, str]] = {"cls": "cls_loss", "cls_aux": "cls_loss_aux"}
-    eval_modes = ("cam", "aux-cam")
+    eval_modes = ("cam", "aux-cam", "pseudo")  # pseudo: the labels a two-stage pipeline would train on
     trains_segmentation = False
 
     def forward(self, model: WSSSNet, batch: dict, it: Iteration) -> Outputs:

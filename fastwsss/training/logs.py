@@ -107,6 +107,24 @@ class TermMeter:
         return out
 
 
+class PhaseSpeed:
+    """Training iterations per second for each phase of a run (a phase: the set of loss terms that are on), over the
+    log intervals after the first (start-up) and without the time spent checkpointing and evaluating; a slow machine
+    shows as every phase slow, slow code as one phase."""
+
+    def __init__(self):
+        self.totals: dict[str, list[float]] = {}  # phase -> [steps, seconds]
+
+    def add(self, terms, steps: int, seconds: float) -> None:
+        total = self.totals.setdefault(" + ".join(terms), [0, 0.0])
+        total[0] += steps
+        total[1] += seconds
+
+    def rates(self) -> dict[str, float]:
+        """Phase ("cls_loss + cls_loss_aux", the authors' term names) -> it/s, in the order the phases came."""
+        return {phase: steps / seconds for phase, (steps, seconds) in self.totals.items() if seconds > 0}
+
+
 class RunLog:
     """Where a run's numbers go: ``metrics.jsonl``, the log (console and ``train.log``), the progress bar and
     TensorBoard. Off the first process of a torchrun job it does nothing (the numbers it gets are every process's)."""

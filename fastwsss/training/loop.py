@@ -39,7 +39,7 @@ from ..runtime import (
 )
 from .evaluator import Evaluator
 from .guard import StepGuard
-from .logs import RunLog, TermMeter, log_line, setup_logging, setup_worker_logging
+from .logs import PhaseSpeed, RunLog, TermMeter, log_line, setup_logging, setup_worker_logging
 from .optim import build_optimizer, set_lr
 from .step import StepModule, forward_backward
 
@@ -234,6 +234,7 @@ def _train(cfg: Config, run_dir: Path, resume: dict | None, dist: Dist, device: 
                          for s in (signal.SIGINT, signal.SIGTERM)}
     stop = min(cfg.train.stop_at or cfg.train.max_iters, cfg.train.max_iters)
     meter = TermMeter()
+    speed = PhaseSpeed()
     skipped = 0
     stopping = 0  # the signal that stops the run (any process's)
     last_eval: dict = {}
@@ -289,13 +290,17 @@ def _train(cfg: Config, run_dir: Path, resume: dict | None, dist: Dist, device: 
                     log.info("kernel backends (kernels.backend=%s): %s", cfg.kernels.backend,
                              ", ".join(f"{op} {b}" for op, b in used.items()))
                     backends_logged = used
+                if step_log > step_start:  # the first interval holds the start-up
+                    speed.add(logged, step - step_log, now - t_log)
                 t_log, step_log = now, step
             evaluate = step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters
+            t_pause = time.time()
             if evaluate or step % cfg.train.ckpt_interval == 0 or step == stop:
                 checkpoint(step)  # before the evaluation: an evaluation failure never loses the step
             if evaluate and evaluator is not None:
-                last_eval = evaluator(model, step)
+                last_eval = {**evaluator(model, step), "it_per_s": speed.rates()}
                 runlog.evaluation(last_eval)
+            t_log += time.time() - t_pause  # intervals' it/s count training only
         if stopping:
             checkpoint(step)
             barrier(dist)  # the checkpoint is on disk before any process reports it

@@ -1,0 +1,204 @@
+"""The demo and its CAM baseline over several training seeds: does the method's segmentation beat the baseline's CAM
+for every seed, not just one?
+
+    python benchmarks/demo_seeds.py --seeds 0-4 --jobs 2 --toco --out benchmarks/results/demo_seeds.md
+
+Trains each config (default: ``demo`` = MCC and ``demo_cam`` = its CAM baseline; ``--toco`` adds ``demo_toco``) once
+per seed (``train.seed``; the synthetic data, ``data.synthetic.seed``, stays fixed, so every run sees the same
+images), ``--jobs`` runs at a time with ``--threads`` torch threads each (OMP_NUM_THREADS), then prints a markdown
+table with one row per seed and their mean: each method's segmentation mIoU (no labels at test time), CAM and
+pseudo-label mIoU (given the image labels), the baseline's CAM and pseudo-label mIoU, the two trivial baselines
+(all-bg, likely-cls) and the margins seg - baseline CAM and pseudo - baseline pseudo. A second table gives each
+run's wall time and iterations per second in its first phase (classification only) and its last (every term on),
+as the run measured them (``results.json``'s ``it_per_s``: training time only), with the load average when the run
+started and ended, so a slow machine can be told apart from slow code. ``--out`` writes both tables (and the command) to a file.
+
+The numbers are each run's final evaluation (``<run dir>/results.json``). Runs go to
+``<runs-dir>/<config>/seed<N>``; a run that has its results.json is reused (``--fresh`` retrains it), an interrupted
+one is resumed. ``key=value`` arguments after the options override every run's config (e.g. ``eval.max_images=100``
+for a quick look; ``data.root=...`` to place the data elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import fastwsss.methods  # noqa: F401  (registers the methods a config may name)
+from fastwsss.config import load_config
+from fastwsss.data import open_splits
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0-4" -> [0, 1, 2, 3, 4]; "0,3,7" -> [0, 3, 7]; "0-2,5" -> [0, 1, 2, 5]; "3" -> [3]."""
+    seeds = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds += list(range(int(lo), int(hi or lo) + 1))
+    return seeds
+
+
+def run_one(config: str, seed: int, run_dir: Path, overrides: list[str], threads: int, fresh: bool) -> dict:
+    """Train one config at one seed (or reuse its results); returns its results, wall time and loads."""
+    results = run_dir / "results.json"
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    info_path = run_dir / "demo_seeds.json"
+    if results.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        return {**info, "results": json.loads(results.read_text()), "reused": True}
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    cmd = [sys.executable, "-m", "fastwsss.train",
+           *([f"run.resume={run_dir}"] if resume else ["--config", config, f"train.seed={seed}", f"run.dir={run_dir}",
+                                                         *overrides])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()[0]
+    t0 = time.time()
+    with open(run_dir / "console.txt", "a") as console:
+        proc = subprocess.run(cmd, env=env, stdout=console, stderr=subprocess.STDOUT, check=False)
+    wall = time.time() - t0
+    if proc.returncode != 0 or not results.is_file():
+        raise RuntimeError(f"{config} seed {seed} failed (exit {proc.returncode}): see {run_dir / 'console.txt'}")
+    info = {"config": config, "seed": seed, "wall_s": wall, "resumed": resume, "threads": threads,
+            "load_start": load_start, "load_end": os.getloadavg()[0], "command": shlex.join(cmd)}
+    info_path.write_text(json.dumps(info, indent=1))
+    return {**info, "results": json.loads(results.read_text()), "reused": False}
+
+
+def fmt(v: float | None, digits: int = 1, sign: bool = False) -> str:
+    if v is None:
+        return "—"
+    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+
+
+def mmss(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{round(seconds % 60):02d}"
+
+
+def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[int], methods: dict[str, str]) -> str:
+    """The results table (one row per seed and the mean) and the timing table, in markdown."""
+    baselines = [c for c in configs if methods[c] == "cam"]
+    others = [c for c in configs if methods[c] != "cam"]
+    base = baselines[0] if baselines else None
+
+    def miou(config: str, seed: int, mode: str) -> float | None:
+        r = runs[(config, seed)]["results"]
+        v = r.get(f"{mode}_miou")
+        return None if v is None else 100 * v
+
+    head = ["seed"]
+    for c in others:
+        head += [f"{c} seg", f"{c} CAM", f"{c} pseudo"]
+    if base:
+        head += [f"{base} CAM", f"{base} pseudo"]
+    head += ["all-bg", "likely-cls"]
+    if base:
+        for c in others:
+            head += [f"{c} seg − {base} CAM", f"{c} pseudo − {base} pseudo"]
+    rows = []
+    for s in seeds:
+        row: list[float | None] = []
+        for c in others:
+            row += [miou(c, s, "seg"), miou(c, s, "cam"), miou(c, s, "pseudo")]
+        if base:
+            row += [miou(base, s, "cam"), miou(base, s, "pseudo")]
+        first = configs[0]
+        row += [miou(first, s, "all-bg"), miou(first, s, "likely-cls")]
+        if base:
+            for c in others:
+                seg, cam, ps, bps = miou(c, s, "seg"), miou(base, s, "cam"), miou(c, s, "pseudo"), miou(base, s,
+                                                                                                       "pseudo")
+                row += [None if seg is None or cam is None else seg - cam,
+                        None if ps is None or bps is None else ps - bps]
+        rows.append(row)
+    n_margin = 2 * len(others) if base else 0
+    mean = [statistics.mean(v for v in col if v is not None) if any(v is not None for v in col) else None
+            for col in zip(*rows)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s, row in zip(seeds, rows):
+        cells = [fmt(v, sign=i >= len(row) - n_margin) for i, v in enumerate(row)]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    cells = [fmt(v, sign=i >= len(mean) - n_margin) for i, v in enumerate(mean)]
+    lines.append("| **mean** | " + " | ".join(f"**{c}**" for c in cells) + " |")
+    if base:
+        for c in others:
+            worst = min(miou(c, s, "seg") - miou(base, s, "cam") for s in seeds)
+            wins = sum(miou(c, s, "pseudo") > miou(base, s, "pseudo") for s in seeds)
+            lines.append(f"\n{c}: smallest margin seg − {base} CAM over the seeds {worst:+.1f}; pseudo labels above "
+                         f"{base}'s for {wins} of {len(seeds)} seeds.")
+    n_images = {runs[k]["results"].get("num_images") for k in runs}
+    lines.append(f"\nmIoU % on {'/'.join(map(str, sorted(n_images)))} val images; seg = the segmentation head, "
+                 "single scale, no labels at test time; CAM and pseudo use the ground-truth image labels.")
+
+    speed = [("\n| config | seed | wall | it/s first phase | it/s last phase (every term) | threads | "
+              "load avg start / end | |"), "|---|---|---|---|---|---|---|---|"]
+    for c in configs:
+        for s in seeds:
+            r = runs[(c, s)]
+            rates = list(r["results"].get("it_per_s", {}).values())  # the phases in the order they came
+            first, last = (rates[0], rates[-1] if len(rates) > 1 else None) if rates else (None, None)
+            note = "resumed" if r.get("resumed") else ""
+            speed.append(f"| {c} | {s} | {mmss(r['wall_s'])} | {fmt(first, 2)} | {fmt(last, 2)}"
+                         f" | {r['threads']} | {r['load_start']:.2f} / "
+                         f"{r['load_end']:.2f} | {note} |")
+    return "\n".join(lines + speed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0-4", help="'0-4', '0,3,7', '0-2,5' or one seed (default 0-4)")
+    parser.add_argument("--configs", nargs="+", default=["demo", "demo_cam"],
+                        help="configs to run (default: demo demo_cam); the one with train.method=cam is the baseline")
+    parser.add_argument("--toco", action="store_true", help="also run demo_toco")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--runs-dir", default="runs/demo_seeds", help="where the runs go (default runs/demo_seeds)")
+    parser.add_argument("--fresh", action="store_true", help="retrain runs that already have results")
+    parser.add_argument("--out", help="also write the tables (markdown) to this file")
+    parser.add_argument("overrides", nargs="*", help="key=value for every run, e.g. eval.max_images=100")
+    args = parser.parse_args(argv)
+    configs = args.configs + (["demo_toco"] if args.toco and "demo_toco" not in args.configs else [])
+    seeds = parse_seeds(args.seeds)
+    bad = [o for o in args.overrides if "=" not in o or o.split("=", 1)[0] in ("train.seed", "run.dir")]
+    if bad:
+        parser.error(f"overrides must be key=value and not train.seed / run.dir (set per run): {' '.join(bad)}")
+
+    methods = {}
+    for c in configs:  # check every config first; generate the data once, before runs share it
+        cfg = load_config(c, args.overrides)
+        methods[c] = cfg.train.method
+        open_splits(cfg.data)
+    jobs = [(c, s) for s in seeds for c in configs]
+    root = Path(args.runs_dir)
+    t0 = time.time()
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {job: pool.submit(run_one, job[0], job[1], root / job[0] / f"seed{job[1]}", args.overrides,
+                                    args.threads, args.fresh) for job in jobs}
+        runs = {}
+        for job, future in futures.items():
+            runs[job] = future.result()
+            r = runs[job]
+            print(f"{job[0]} seed {job[1]}: {'reused' if r['reused'] else mmss(r['wall_s'])}; "
+                  + ", ".join(f"{k[:-5]} {100 * v:.1f}" for k, v in r["results"].items() if k.endswith("_miou")),
+                  flush=True)
+    command = shlex.join([sys.executable.rsplit("/", 1)[-1], "benchmarks/demo_seeds.py", *(argv or sys.argv[1:])])
+    text = (f"`{command}` ({len(jobs)} runs, {args.jobs} at a time, {args.threads} thread(s) each; "
+            f"{mmss(time.time() - t0)} in all)\n\n" + tables(runs, configs, seeds, methods))
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
