@@ -117,3 +117,26 @@ def test_a_finished_run_says_what_it_showed_and_how_fast_each_phase_ran(syntheti
     assert shown.startswith(f"Shown: its CAM (given the image labels) mIoU {100 * result['cam_miou']:.1f} %")
     assert "pseudo_miou" in result  # the baseline's PAR-refined labels, what the method's are compared with
     assert compare.endswith("python -m fastwsss.train --config demo")
+
+
+@pytest.mark.parametrize("name", ["demo", "demo_cam", "demo_toco", "demo_cosa", "demo_more"])
+def test_every_demo_config_trains_and_evaluates(name, synthetic_root, tmp_path):
+    """Each demo config runs end to end with the tiny model (its own schedule shortened so every term is on)."""
+    from fastwsss.config import load_config
+    from tests.conftest import TINY_OVERRIDES
+
+    starts = [f"{key}=2" for key, value in leaf_starts(load_config(name))]
+    cfg = load_config(name, [*TINY_OVERRIDES, f"data.root={synthetic_root}", f"run.dir={tmp_path / 'run'}",
+                             "train.max_iters=4", "train.eval_interval=4", "toco.crop_size=16", "more.une_kernel=2",
+                             *starts])
+    result = train(cfg)
+    assert math.isfinite(result["cam_miou"]) and result["it_per_s"]
+    if cfg.train.method != "cam":
+        assert math.isfinite(result["seg_miou"])
+
+
+def leaf_starts(cfg):
+    """(dotted key, value) of every *_start / cam_start setting of a config, so a test can move them all to 2."""
+    from fastwsss.config import leaf_values
+
+    return [(k, v) for k, v in leaf_values(cfg).items() if k.rsplit(".", 1)[-1].endswith("_start")]
