@@ -1,7 +1,7 @@
 """The demo and its CAM baseline over several training seeds: does the method's segmentation beat the baseline's CAM
 for every seed, not just one?
 
-    python benchmarks/demo_seeds.py --seeds 0-4 --jobs 2 --toco --out benchmarks/results/demo_seeds.md
+    python benchmarks/demo_seeds.py --seeds 0-4 --jobs 2 --toco --docs docs/demo.md
 
 Trains each config (default: ``demo`` = MCC and ``demo_cam`` = its CAM baseline; ``--toco`` adds ``demo_toco``) once
 per seed (``train.seed``; the synthetic data, ``data.synthetic.seed``, stays fixed, so every run sees the same
@@ -11,7 +11,7 @@ pseudo-label mIoU (given the image labels), the baseline's CAM and pseudo-label 
 (all-bg, likely-cls) and the margins seg - baseline CAM and pseudo - baseline pseudo. A second table gives each
 run's wall time and iterations per second in its first phase (classification only) and its last (every term on),
 as the run measured them (``results.json``'s ``it_per_s``: training time only), with the load average when the run
-started and ended, so a slow machine can be told apart from slow code. ``--out`` writes both tables (and the command) to a file.
+started and ended, so a slow machine can be told apart from slow code. ``--out`` writes both tables (and the command) to a file, ``--docs docs/demo.md`` puts them into that page.
 
 The numbers are each run's final evaluation (``<run dir>/results.json``). Runs go to
 ``<runs-dir>/<config>/seed<N>``; a run that has its results.json is reused (``--fresh`` retrains it), an interrupted
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-dir", default="runs/demo_seeds", help="where the runs go (default runs/demo_seeds)")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that already have results")
     parser.add_argument("--out", help="also write the tables (markdown) to this file")
+    parser.add_argument("--docs", help="also put them in this page after its '<!-- demo-seeds-table -->' line, in "
+                                       "place of what followed it up to the next '<!-- /demo-seeds-table -->'")
     parser.add_argument("overrides", nargs="*", help="key=value for every run, e.g. eval.max_images=100")
     args = parser.parse_args(argv)
     configs = args.configs + (["demo_toco"] if args.toco and "demo_toco" not in args.configs else [])
@@ -198,6 +200,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+    if args.docs:
+        write_into_page(Path(args.docs), text)
+
+
+def write_into_page(page: Path, text: str) -> None:
+    """Replace what stands between the page's demo-seeds-table markers with ``text`` (the markers stay)."""
+    start, end = "<!-- demo-seeds-table -->\n", "<!-- /demo-seeds-table -->"
+    content = page.read_text()
+    if content.count(start) != 1 or content.count(end) != 1 or content.index(start) > content.index(end):
+        raise SystemExit(f"{page}: needs one '{start.strip()}' line followed by one '{end}' line")
+    head, rest = content.split(start)
+    made_by, tables_text = text.split("\n\n", 1)  # the table first (the page shows the command above it)
+    page.write_text(head + start + tables_text + "\n\nMade by " + made_by + ".\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

@@ -22,3 +22,37 @@ def test_every_benchmark_case_runs_once():
                           check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+def test_demo_seeds_trains_each_config_per_seed_and_tables_the_margins(synthetic_root, tmp_path):
+    """benchmarks/demo_seeds.py with the tiny model: one row per seed and the mean, the margins computed from the runs'
+    results.json, the baseline's pseudo labels scored, per-phase it/s; the page's table replaced between markers; a
+    second call reuses the runs."""
+    import json
+
+    from tests.conftest import TINY_OVERRIDES
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import demo_seeds
+
+    page = tmp_path / "demo.md"
+    page.write_text("# x\n<!-- demo-seeds-table -->\n| seed | stale |\n<!-- /demo-seeds-table -->\nend\n")
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.log_interval")]
+    args = ["--seeds", "0,3", "--jobs", "2", "--runs-dir", str(tmp_path / "runs"), "--docs", str(page),
+            *tiny, f"data.root={synthetic_root}", "train.max_iters=4", "train.eval_interval=4",
+            "train.log_interval=1", "loss.aff_start=2", "loss.con_start=2", "loss.seg_start=2", "loss.reg_start=2"]
+    demo_seeds.main(args)
+    text = page.read_text()
+    assert "stale" not in text and text.endswith("<!-- /demo-seeds-table -->\nend\n")
+    rows = {line.split(" | ")[0].strip("| *"): line for line in text.splitlines() if line.startswith("| ")}
+    assert {"0", "3", "mean"} <= set(rows)
+    results = {s: {c: json.loads((tmp_path / "runs" / c / f"seed{s}" / "results.json").read_text())
+                   for c in ("demo", "demo_cam")} for s in (0, 3)}
+    for s, r in results.items():
+        margin = 100 * r["demo"]["seg_miou"] - 100 * r["demo_cam"]["cam_miou"]
+        pseudo = 100 * r["demo"]["pseudo_miou"] - 100 * r["demo_cam"]["pseudo_miou"]
+        assert rows[str(s)].rstrip(" |").endswith(f"{margin:+.1f} | {pseudo:+.1f}"), rows[str(s)]
+        assert r["demo"]["it_per_s"] and r["demo_cam"]["it_per_s"]
+    before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
+    demo_seeds.main(args)  # reused, not retrained
+    assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")} == before
