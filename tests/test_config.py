@@ -83,8 +83,8 @@ def test_overrides_win_and_yaml_round_trips(tmp_path):
 def test_base_layers_one_yaml_on_another(tmp_path):
     cam, demo = load_config(CONFIGS[0].parent / "demo_cam.yaml"), load_config(CONFIGS[0].parent / "demo.yaml")
     assert (demo.train.method, cam.train.method) == ("mcc", "cam")
-    assert (cam.data, cam.model.depth) == (demo.data, demo.model.depth)
-    assert cam.model.decoder_dilation == 5 != demo.model.decoder_dilation
+    assert (cam.data, cam.model, cam.cam, cam.optim) == (demo.data, demo.model, demo.cam, demo.optim)
+    assert cam.name == "demo_cam" != demo.name
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="include each other"):
