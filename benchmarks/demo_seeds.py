@@ -194,8 +194,11 @@ def main(argv: list[str] | None = None) -> None:
                   + ", ".join(f"{k[:-5]} {100 * v:.1f}" for k, v in r["results"].items() if k.endswith("_miou")),
                   flush=True)
     command = shlex.join([sys.executable.rsplit("/", 1)[-1], "benchmarks/demo_seeds.py", *(argv or sys.argv[1:])])
+    reused = sum(r["reused"] for r in runs.values())
     text = (f"`{command}` ({len(jobs)} runs, {args.jobs} at a time, {args.threads} thread(s) each; "
-            f"{mmss(time.time() - t0)} in all)\n\n" + tables(runs, configs, seeds, methods))
+            f"{mmss(time.time() - t0)} in all" + (f"; {reused} reused from earlier calls, with the threads the "
+                                                   "timing table gives" if reused else "")
+            + ")\n\n" + tables(runs, configs, seeds, methods))
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
