@@ -298,7 +298,8 @@ def _train(cfg: Config, run_dir: Path, resume: dict | None, dist: Dist, device: 
             if evaluate or step % cfg.train.ckpt_interval == 0 or step == stop:
                 checkpoint(step)  # before the evaluation: an evaluation failure never loses the step
             if evaluate and evaluator is not None:
-                last_eval = {**evaluator(model, step), "it_per_s": speed.rates()}
+                last_eval = evaluator(model, step)  # {} off the first process
+                last_eval = {**last_eval, "it_per_s": speed.rates()} if last_eval else last_eval
                 runlog.evaluation(last_eval)
             t_log += time.time() - t_pause  # intervals' it/s count training only
         if stopping:
