@@ -33,9 +33,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import fastwsss.methods  # noqa: F401  (registers the methods a config may name)
 from fastwsss.config import load_config
 from fastwsss.data import open_splits
+from fastwsss.methods import METHODS  # importing it registers the methods a config may name
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -86,9 +86,10 @@ def mmss(seconds: float) -> str:
 
 
 def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[int], methods: dict[str, str]) -> str:
-    """The results table (one row per seed and the mean) and the timing table, in markdown."""
-    baselines = [c for c in configs if methods[c] == "cam"]
-    others = [c for c in configs if methods[c] != "cam"]
+    """The results table (one row per seed and the mean) and the timing table, in markdown. The baseline is the
+    first config whose method trains no segmentation."""
+    baselines = [c for c in configs if not METHODS[methods[c]].trains_segmentation]
+    others = [c for c in configs if c not in baselines]
     base = baselines[0] if baselines else None
 
     def miou(config: str, seed: int, mode: str) -> float | None:
@@ -96,6 +97,13 @@ def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[in
         v = r.get(f"{mode}_miou")
         return None if v is None else 100 * v
 
+    def difference(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    # per method config and seed: (its seg - the baseline's CAM, its pseudo - the baseline's pseudo)
+    margins = {c: {s: (difference(miou(c, s, "seg"), miou(base, s, "cam")),
+                       difference(miou(c, s, "pseudo"), miou(base, s, "pseudo"))) for s in seeds}
+               for c in others} if base else {}
     head = ["seed"]
     for c in others:
         head += [f"{c} seg", f"{c} CAM", f"{c} pseudo"]
@@ -116,10 +124,7 @@ def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[in
         row += [miou(first, s, "all-bg"), miou(first, s, "likely-cls")]
         if base:
             for c in others:
-                seg, cam, ps, bps = miou(c, s, "seg"), miou(base, s, "cam"), miou(c, s, "pseudo"), miou(base, s,
-                                                                                                       "pseudo")
-                row += [None if seg is None or cam is None else seg - cam,
-                        None if ps is None or bps is None else ps - bps]
+                row += list(margins[c][s])
         rows.append(row)
     n_margin = 2 * len(others) if base else 0
     mean = [statistics.mean(v for v in col if v is not None) if any(v is not None for v in col) else None
@@ -130,10 +135,11 @@ def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[in
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     cells = [fmt(v, sign=i >= len(mean) - n_margin) for i, v in enumerate(mean)]
     lines.append("| **mean** | " + " | ".join(f"**{c}**" for c in cells) + " |")
-    if base:
-        for c in others:
-            worst = min(miou(c, s, "seg") - miou(base, s, "cam") for s in seeds)
-            wins = sum(miou(c, s, "pseudo") > miou(base, s, "pseudo") for s in seeds)
+    for c, by_seed in margins.items():
+        seg_margins = [m for m, _ in by_seed.values() if m is not None]
+        if seg_margins:
+            worst = min(seg_margins)
+            wins = sum(p is not None and p > 0 for _, p in by_seed.values())
             lines.append(f"\n{c}: smallest margin seg − {base} CAM over the seeds {worst:+.1f}; pseudo labels above "
                          f"{base}'s for {wins} of {len(seeds)} seeds.")
     n_images = {runs[k]["results"].get("num_images") for k in runs}
@@ -158,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0-4", help="'0-4', '0,3,7', '0-2,5' or one seed (default 0-4)")
     parser.add_argument("--configs", nargs="+", default=["demo", "demo_cam"],
-                        help="configs to run (default: demo demo_cam); the one with train.method=cam is the baseline")
+                        help="configs to run (default: demo demo_cam); the first whose method trains no segmentation "
+                             "(train.method=cam) is the baseline")
     parser.add_argument("--toco", action="store_true", help="also run demo_toco")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")

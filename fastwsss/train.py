@@ -19,6 +19,7 @@ from . import version_string
 from .cli import user_errors
 from .config import Config, load_config, packaged_configs, packaged_configs_help, to_yaml
 from .inference.predict import check_model, check_weights
+from .methods import METHODS
 from .training import NothingToTrain, TrainingInterrupted, train, without_pretrained
 
 DEFAULT_CONFIG = "demo"  # a packaged config (fastwsss.configs)
@@ -102,8 +103,9 @@ def what_it_showed(cfg: Config, result: dict) -> list[str]:
     packaged = packaged_configs()
     if baseline:
         method = cfg.name.removesuffix("_cam")
+        methods = "|".join(name for name, m in METHODS.items() if m.trains_segmentation)
         other = (f"--config {method}" if cfg.name.endswith("_cam") and method in packaged
-                 else f"--config {cfg.name} train.method=mcc (or toco, cosa, more)")
+                 else f"--config {cfg.name} train.method=<{methods}>")
         second = f"Compare with the method on the same data and ViT: python -m fastwsss.train {other}"
     else:
         other = (f"--config {cfg.name}_cam" if f"{cfg.name}_cam" in packaged

@@ -173,6 +173,7 @@ def _draw_background(rng: np.random.Generator, height: int, width: int, clutter:
 
     # Small irregular solid blobs: wobbly ellipses.
     blobs = int(rng.integers(2, 6))
+    painted = round(clutter * blobs)
     for k in range(blobs):
         r = float(rng.uniform(0.03, 0.08)) * short
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
@@ -192,11 +193,12 @@ def _draw_background(rng: np.random.Generator, height: int, width: int, clutter:
         bound = 1.0 + wob[0] * np.cos(2 * phi + phase[0]) + wob[1] * np.cos(3 * phi + phase[1])
         inside = u * u + v * v <= bound * bound
         colour = rng.uniform(0, 255, size=3).astype(np.float32)
-        if k < round(clutter * blobs):
+        if k < painted:
             canvas[y0:y1, x0:x1][inside] = colour
 
     # Thin lines: straight or quadratic Bezier curves, 1-2 px wide, endpoints possibly outside the image.
     lines = int(rng.integers(3, 8))
+    painted = round(clutter * lines)
     for k in range(lines):
         pts = rng.uniform(-0.1, 1.1, size=(3, 2)) * np.array([height, width])
         if rng.uniform() < 0.5:
@@ -209,7 +211,7 @@ def _draw_background(rng: np.random.Generator, height: int, width: int, clutter:
             ys, xs = np.concatenate([ys, ys + 1]), np.concatenate([xs, xs])
         keep = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
         colour = rng.uniform(0, 255, size=3).astype(np.float32)
-        if k < round(clutter * lines):
+        if k < painted:
             canvas[ys[keep], xs[keep]] = colour
     return canvas
 
