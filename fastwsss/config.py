@@ -31,6 +31,7 @@ class SyntheticConfig:
     image_size: int = 128
     seed: int = 0
     clutter: float = 1.0  # how many background blobs and lines (0: none; the same images otherwise)
+    colour_cue: float = 0.0  # probability that an object's light colour is its class's (0: colour says nothing)
 
 
 @dataclass

@@ -21,6 +21,7 @@ TINY_OVERRIDES = [
     # a ViT small enough for many CPU steps per second, on 48-px synthetic images
     "data.dataset=synthetic", "data.num_classes=7", "data.crop_size=32", "data.rescale_range=[0.75,1.25]",
     "data.num_workers=0", "data.synthetic.num_train=24", "data.synthetic.num_val=6", "data.synthetic.image_size=48",
+    "data.synthetic.colour_cue=0.0",  # the fixture's data (the demo configs ask for the cue)
     "model.backbone=deit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",
     "model.depth=3", "model.num_heads=2", "model.decoder_channels=16", "model.freeze_pos_embed=false",
     "optim.lr=1e-3", "optim.warmup_iters=2", "train.batch_size=4", "train.log_interval=2",

@@ -221,3 +221,24 @@ def test_clutter_scales_the_background_only(tmp_path):
     assert np.abs(images[0] - images[1]).max() > 100  # blobs and lines gone
     with pytest.raises(ValueError, match="clutter"):
         generate_dataset(tmp_path / "bad", num_train=1, num_val=0, image_size=32, clutter=-1)
+
+
+def test_colour_cue_paints_each_class_in_its_colour(tmp_path):
+    """data.synthetic.colour_cue=1: every object's light colour is its class's (jittered): in each object's light
+    pixels the class colour's bright channels stand above its dim ones. Out of [0, 1] is refused."""
+    from fastwsss.data.synthetic import _CUE_COLOURS
+
+    root = generate_dataset(tmp_path / "cue", num_train=10, num_val=0, image_size=64, colour_cue=1.0)
+    seen = set()
+    for name in (root / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split():
+        image = np.asarray(Image.open(root / "JPEGImages" / f"{name}.jpg"), dtype=np.float32)
+        mask = np.asarray(Image.open(root / "SegmentationClassAug" / f"{name}.png"))
+        for c in np.unique(mask[mask > 0]):
+            pixels = image[mask == c]
+            light = np.median(pixels[pixels.max(1) > 170], axis=0)
+            bright = _CUE_COLOURS[c - 1] > 200
+            assert light[bright].min() - light[~bright].max() > 40, (name, c, light)
+            seen.add(int(c))
+    assert len(seen) >= 4
+    with pytest.raises(ValueError, match="colour_cue"):
+        generate_dataset(tmp_path / "bad", num_train=1, num_val=0, image_size=32, colour_cue=1.5)

@@ -42,7 +42,7 @@ def open_splits(cfg: DataConfig) -> tuple[SegmentationList, SegmentationList | N
     if cfg.dataset == "synthetic":
         s = cfg.synthetic
         generate_dataset(cfg.root, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed,
-                         num_workers=min(cfg.num_workers, 2), clutter=s.clutter)
+                         num_workers=min(cfg.num_workers, 2), clutter=s.clutter, colour_cue=s.colour_cue)
     val = None if cfg.dataset == "folder" and not cfg.val_labels else open_split(cfg, cfg.val_split)
     return open_split(cfg, cfg.train_split), val
 

@@ -75,6 +75,11 @@ _MIN_VISIBLE_PIXELS_FRACTION = 0.004
 _MAX_LAYOUT_TRIES = 12
 # Texture periods, in units of the object radius; never shorter than _MIN_PERIOD_PX pixels.
 _MIN_PERIOD_PX = 4.0
+# The light colour of each class's pattern where the colour cue applies (colour_cue > 0), classes 1..6: light red,
+# green, blue, yellow, magenta, cyan; each object jitters it by up to _CUE_JITTER per channel.
+_CUE_COLOURS = np.array([[255, 150, 150], [150, 255, 150], [150, 150, 255], [255, 255, 150], [255, 150, 255],
+                         [150, 255, 255]], dtype=np.float32)
+_CUE_JITTER = 20.0
 
 
 def _shape_mask(cls: int, u: np.ndarray, v: np.ndarray, hole: float) -> np.ndarray:
@@ -279,12 +284,18 @@ def _layout(rng: np.random.Generator, height: int, width: int) -> list[_Object]:
         classes = classes[:-1]
 
 
-def _render(rng: np.random.Generator, height: int, width: int, clutter: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Render one sample. Returns image uint8 (height, width, 3) and class-index mask uint8 (height, width)."""
+def _render(rng: np.random.Generator, height: int, width: int, clutter: float = 1.0,
+            colour_cue: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Render one sample. Returns image uint8 (height, width, 3) and class-index mask uint8 (height, width).
+    ``colour_cue``: the probability that an object's light colour is its class's (jittered) instead of random; 0
+    draws nothing more, so the images are those of the default data."""
     canvas = _draw_background(rng, height, width, clutter)
     label = np.zeros((height, width), dtype=np.uint8)
     for obj in _layout(rng, height, width):
         colours = np.stack([rng.uniform(150.0, 255.0, size=3), rng.uniform(0.0, 105.0, size=3)]).astype(np.float32)
+        if colour_cue > 0 and rng.uniform() < colour_cue:
+            jitter = rng.uniform(-_CUE_JITTER, _CUE_JITTER, size=3).astype(np.float32)
+            colours[0] = np.clip(_CUE_COLOURS[obj.cls - 1] + jitter, 130.0, 255.0)
         y0, y1, x0, x1 = obj.box
         pattern = _texture(obj.cls, obj.u, obj.v, obj.radius, rng)
         a = float(rng.uniform(0.0, 2.0 * math.pi))
@@ -317,9 +328,10 @@ def _list_path(root: pathlib.Path, layout: str, split: str) -> pathlib.Path:
 
 
 def _write_sample(task: tuple[str, int], *, root: str, layout: str, height: int, width: int, seed: int,
-                  clutter: float) -> None:
+                  clutter: float, colour_cue: float) -> None:
     split, index = task
-    image, label = _render(np.random.default_rng([seed, _SPLIT_IDS[split], index]), height, width, clutter)
+    image, label = _render(np.random.default_rng([seed, _SPLIT_IDS[split], index]), height, width, clutter,
+                           colour_cue)
     image_dir, mask_dir = _sample_dirs(pathlib.Path(root), layout, split)
     name = _sample_name(layout, split, index)
     Image.fromarray(image).save(image_dir / f"{name}.jpg", format="JPEG", quality=95, subsampling=0)
@@ -348,6 +360,7 @@ def generate_dataset(
     layout: Literal["voc", "coco"] = "voc",
     num_workers: int = 0,
     clutter: float = 1.0,
+    colour_cue: float = 0.0,
 ) -> pathlib.Path:
     """Write the synthetic dataset under ``root`` and return ``root`` as a path.
 
@@ -361,7 +374,9 @@ def generate_dataset(
     removed first and everything is regenerated (files of an earlier generation that are not overwritten are left
     in place, but are not listed in the split files). ``num_workers > 0`` renders with a process pool; the output is
     byte-identical for every ``num_workers``, so it is not part of the marker. ``clutter`` (>= 0) scales how many
-    background blobs and lines are painted (1: the default data; 0: a smooth, noisy background).
+    background blobs and lines are painted (1: the default data; 0: a smooth, noisy background). ``colour_cue`` (in
+    [0, 1]) is the probability that an object's light colour is its class's (0: the default data, colour carries no
+    class information; 1: every object's class shows in its colour too).
     """
     if layout not in ("voc", "coco"):
         raise ValueError(f"layout must be 'voc' or 'coco', got {layout!r}")
@@ -371,6 +386,8 @@ def generate_dataset(
         raise ValueError("num_workers must be non-negative")
     if not clutter >= 0:
         raise ValueError(f"clutter must be >= 0, got {clutter!r}")
+    if not 0 <= colour_cue <= 1:
+        raise ValueError(f"colour_cue must be in [0, 1], got {colour_cue!r}")
     height, width = _normalise_size(image_size)
     root = pathlib.Path(root)
     marker_path = root / _MARKER_NAME
@@ -383,6 +400,7 @@ def generate_dataset(
         "seed": int(seed),
         "layout": layout,
         **({"clutter": float(clutter)} if clutter != 1.0 else {}),  # the default's marker as before: no regeneration
+        **({"colour_cue": float(colour_cue)} if colour_cue else {}),
     }
     try:
         if json.loads(marker_path.read_text()) == params:
@@ -398,7 +416,7 @@ def generate_dataset(
 
     tasks = [(split, index) for split, count in splits.items() for index in range(count)]
     write = functools.partial(_write_sample, root=str(root), layout=layout, height=height, width=width, seed=seed,
-                              clutter=float(clutter))
+                              clutter=float(clutter), colour_cue=float(colour_cue))
     if num_workers == 0 or len(tasks) <= 1:
         for task in tasks:
             write(task)
