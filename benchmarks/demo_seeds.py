@@ -1,7 +1,7 @@
 """The demo and its CAM baseline over several training seeds: does the method's segmentation beat the baseline's CAM
 for every seed, not just one?
 
-    python benchmarks/demo_seeds.py --seeds 0-4 --jobs 2 --toco --docs docs/demo.md
+    python benchmarks/demo_seeds.py --seeds 0-4 --jobs 2 --toco --docs docs/demo.md --readme README.md
 
 Trains each config (default: ``demo`` = MCC and ``demo_cam`` = its CAM baseline; ``--toco`` adds ``demo_toco``) once
 per seed (``train.seed``; the synthetic data, ``data.synthetic.seed``, stays fixed, so every run sees the same
@@ -11,7 +11,8 @@ pseudo-label mIoU (given the image labels), the baseline's CAM and pseudo-label 
 (all-bg, likely-cls) and the margins seg - baseline CAM and pseudo - baseline pseudo. A second table gives each
 run's wall time and iterations per second in its first phase (classification only) and its last (every term on),
 as the run measured them (``results.json``'s ``it_per_s``: training time only), with the load average when the run
-started and ended, so a slow machine can be told apart from slow code. ``--out`` writes both tables (and the command) to a file, ``--docs docs/demo.md`` puts them into that page.
+started and ended, so a slow machine can be told apart from slow code. ``--out`` writes both tables (and the command) to a file, ``--docs docs/demo.md`` puts them into that page, ``--readme README.md`` a short table
+(each method's segmentation and the baseline's CAM, then the pseudo labels, per seed and their mean) into that one.
 
 The numbers are each run's final evaluation (``<run dir>/results.json``). Runs go to
 ``<runs-dir>/<config>/seed<N>``; a run that has its results.json is reused (``--fresh`` retrains it), an interrupted
@@ -85,56 +86,49 @@ def mmss(seconds: float) -> str:
     return f"{int(seconds // 60)}:{round(seconds % 60):02d}"
 
 
-def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[int], methods: dict[str, str]) -> str:
-    """The results table (one row per seed and the mean) and the timing table, in markdown. The baseline is the
-    first config whose method trains no segmentation."""
+def baseline_of(configs: list[str], methods: dict[str, str]) -> tuple[str | None, list[str]]:
+    """(the baseline: the first config whose method trains no segmentation, or None; the other configs)."""
     baselines = [c for c in configs if not METHODS[methods[c]].trains_segmentation]
-    others = [c for c in configs if c not in baselines]
-    base = baselines[0] if baselines else None
+    return (baselines[0] if baselines else None), [c for c in configs if c not in baselines]
 
-    def miou(config: str, seed: int, mode: str) -> float | None:
-        r = runs[(config, seed)]["results"]
-        v = r.get(f"{mode}_miou")
-        return None if v is None else 100 * v
+
+def miou(runs: dict[tuple[str, int], dict], config: str, seed: int, mode: str) -> float | None:
+    v = runs[(config, seed)]["results"].get(f"{mode}_miou")
+    return None if v is None else 100 * v
+
+
+def seed_table(head: list[str], rows: list[list[float | None]], seeds: list[int], signed: int = 0) -> list[str]:
+    """Markdown: one row per seed, then their mean in bold; the last ``signed`` columns (margins) with their sign."""
+    mean = [statistics.mean(v for v in col if v is not None) if any(v is not None for v in col) else None
+            for col in zip(*rows)]
+    lines = ["| seed | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+    for s, row in zip(seeds, rows):
+        lines.append(f"| {s} | " + " | ".join(fmt(v, sign=i >= len(row) - signed) for i, v in enumerate(row)) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{fmt(v, sign=i >= len(mean) - signed)}**"
+                                             for i, v in enumerate(mean)) + " |")
+    return lines
+
+
+def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[int], methods: dict[str, str]) -> str:
+    """The results table (one row per seed and the mean) and the timing table, in markdown."""
+    base, others = baseline_of(configs, methods)
 
     def difference(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a - b
 
     # per method config and seed: (its seg - the baseline's CAM, its pseudo - the baseline's pseudo)
-    margins = {c: {s: (difference(miou(c, s, "seg"), miou(base, s, "cam")),
-                       difference(miou(c, s, "pseudo"), miou(base, s, "pseudo"))) for s in seeds}
+    margins = {c: {s: (difference(miou(runs, c, s, "seg"), miou(runs, base, s, "cam")),
+                       difference(miou(runs, c, s, "pseudo"), miou(runs, base, s, "pseudo"))) for s in seeds}
                for c in others} if base else {}
-    head = ["seed"]
-    for c in others:
-        head += [f"{c} seg", f"{c} CAM", f"{c} pseudo"]
-    if base:
-        head += [f"{base} CAM", f"{base} pseudo"]
-    head += ["all-bg", "likely-cls"]
+    shown = [(c, m) for c in others for m in ("seg", "cam", "pseudo")] + [(base, m) for m in ("cam", "pseudo") if base]
+    head = [f"{c} {m if m != 'cam' else 'CAM'}" for c, m in shown] + ["all-bg", "likely-cls"]
     if base:
         for c in others:
             head += [f"{c} seg − {base} CAM", f"{c} pseudo − {base} pseudo"]
-    rows = []
-    for s in seeds:
-        row: list[float | None] = []
-        for c in others:
-            row += [miou(c, s, "seg"), miou(c, s, "cam"), miou(c, s, "pseudo")]
-        if base:
-            row += [miou(base, s, "cam"), miou(base, s, "pseudo")]
-        first = configs[0]
-        row += [miou(first, s, "all-bg"), miou(first, s, "likely-cls")]
-        if base:
-            for c in others:
-                row += list(margins[c][s])
-        rows.append(row)
-    n_margin = 2 * len(others) if base else 0
-    mean = [statistics.mean(v for v in col if v is not None) if any(v is not None for v in col) else None
-            for col in zip(*rows)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s, row in zip(seeds, rows):
-        cells = [fmt(v, sign=i >= len(row) - n_margin) for i, v in enumerate(row)]
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    cells = [fmt(v, sign=i >= len(mean) - n_margin) for i, v in enumerate(mean)]
-    lines.append("| **mean** | " + " | ".join(f"**{c}**" for c in cells) + " |")
+    rows = [[miou(runs, c, s, m) for c, m in shown] + [miou(runs, configs[0], s, "all-bg"),
+                                                       miou(runs, configs[0], s, "likely-cls")]
+            + [v for c in others for v in margins[c][s]] for s in seeds]
+    lines = seed_table(head, rows, seeds, signed=2 * len(margins))
     for c, by_seed in margins.items():
         seg_margins = [m for m, _ in by_seed.values() if m is not None]
         if seg_margins:
@@ -160,6 +154,16 @@ def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[in
     return "\n".join(lines + speed)
 
 
+def summary(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[int], methods: dict[str, str]) -> str:
+    """The short table for a README: each method's segmentation beside the baseline's CAM, then the pseudo labels."""
+    base, others = baseline_of(configs, methods)
+    shown = [(c, "seg") for c in others] + [(base, "cam")] * bool(base) + [(c, "pseudo") for c in others] \
+        + [(base, "pseudo")] * bool(base)
+    head = [f"{c} {'CAM' if m == 'cam' else m}" for c, m in shown]
+    rows = [[miou(runs, c, s, m) for c, m in shown] for s in seeds]
+    return "\n".join(seed_table(head, rows, seeds))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0-4", help="'0-4', '0,3,7', '0-2,5' or one seed (default 0-4)")
@@ -174,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="also write the tables (markdown) to this file")
     parser.add_argument("--docs", help="also put them in this page after its '<!-- demo-seeds-table -->' line, in "
                                        "place of what followed it up to the next '<!-- /demo-seeds-table -->'")
+    parser.add_argument("--readme", help="also put the short table (segmentation against the baseline's CAM, pseudo "
+                                         "labels against the baseline's) in this page, between its "
+                                         "'<!-- demo-seeds-summary -->' markers")
     parser.add_argument("overrides", nargs="*", help="key=value for every run, e.g. eval.max_images=100")
     args = parser.parse_args(argv)
     configs = args.configs + (["demo_toco"] if args.toco and "demo_toco" not in args.configs else [])
@@ -212,11 +219,15 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(text + "\n")
     if args.docs:
         write_into_page(Path(args.docs), text)
+    if args.readme:
+        short = summary(runs, configs, seeds, methods)
+        write_into_page(Path(args.readme), text.split("\n\n", 1)[0] + "\n\n" + short, "demo-seeds-summary")
 
 
-def write_into_page(page: Path, text: str) -> None:
-    """Replace what stands between the page's demo-seeds-table markers with ``text`` (the markers stay)."""
-    start, end = "<!-- demo-seeds-table -->\n", "<!-- /demo-seeds-table -->"
+def write_into_page(page: Path, text: str, marker: str = "demo-seeds-table") -> None:
+    """Replace what stands between the page's ``<!-- marker -->`` lines with ``text``: its tables, then the line
+    "Made by" its first paragraph (the command); the markers stay."""
+    start, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
     content = page.read_text()
     if content.count(start) != 1 or content.count(end) != 1 or content.index(start) > content.index(end):
         raise SystemExit(f"{page}: needs one '{start.strip()}' line followed by one '{end}' line")

@@ -35,11 +35,12 @@ def test_demo_seeds_trains_each_config_per_seed_and_tables_the_margins(synthetic
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import demo_seeds
 
-    page = tmp_path / "demo.md"
+    page, readme = tmp_path / "demo.md", tmp_path / "README.md"
     page.write_text("# x\n<!-- demo-seeds-table -->\n| seed | stale |\n<!-- /demo-seeds-table -->\nend\n")
+    readme.write_text("# r\n<!-- demo-seeds-summary -->\nstale\n<!-- /demo-seeds-summary -->\n")
     tiny = [o for o in TINY_OVERRIDES if not o.startswith("train.log_interval")]
     args = ["--seeds", "0,3", "--jobs", "2", "--runs-dir", str(tmp_path / "runs"), "--docs", str(page),
-            *tiny, f"data.root={synthetic_root}", "train.max_iters=4", "train.eval_interval=4",
+            "--readme", str(readme), *tiny, f"data.root={synthetic_root}", "train.max_iters=4", "train.eval_interval=4",
             "train.log_interval=1", "loss.aff_start=2", "loss.con_start=2", "loss.seg_start=2", "loss.reg_start=2"]
     demo_seeds.main(args)
     text = page.read_text()
@@ -53,6 +54,10 @@ def test_demo_seeds_trains_each_config_per_seed_and_tables_the_margins(synthetic
         pseudo = 100 * r["demo"]["pseudo_miou"] - 100 * r["demo_cam"]["pseudo_miou"]
         assert rows[str(s)].rstrip(" |").endswith(f"{margin:+.1f} | {pseudo:+.1f}"), rows[str(s)]
         assert r["demo"]["it_per_s"] and r["demo_cam"]["it_per_s"]
+        short = [100 * r["demo"]["seg_miou"], 100 * r["demo_cam"]["cam_miou"], 100 * r["demo"]["pseudo_miou"],
+                 100 * r["demo_cam"]["pseudo_miou"]]
+        assert f"| {s} | " + " | ".join(f"{v:.1f}" for v in short) + " |" in readme.read_text()
+    assert "stale" not in readme.read_text() and "Made by `" in readme.read_text()
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
     demo_seeds.main(args)  # reused, not retrained
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")} == before
