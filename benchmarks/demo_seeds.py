@@ -11,7 +11,8 @@ pseudo-label mIoU (given the image labels), the baseline's CAM and pseudo-label 
 (all-bg, likely-cls) and the margins seg - baseline CAM and pseudo - baseline pseudo. A second table gives each
 run's wall time and iterations per second in its first phase (classification only) and its last (every term on),
 as the run measured them (``results.json``'s ``it_per_s``: training time only), with the load average when the run
-started and ended, so a slow machine can be told apart from slow code. ``--out`` writes both tables (and the command) to a file, ``--docs docs/demo.md`` puts them into that page, ``--readme README.md`` a short table
+started and ended, so a slow machine can be told apart from slow code. ``--out`` writes both tables (and the
+command) to a file, ``--docs docs/demo.md`` puts them into that page, ``--readme README.md`` a short table
 (each method's segmentation and the baseline's CAM, then the pseudo labels, per seed and their mean) into that one.
 
 The numbers are each run's final evaluation (``<run dir>/results.json``). Runs go to
@@ -97,6 +98,11 @@ def miou(runs: dict[tuple[str, int], dict], config: str, seed: int, mode: str) -
     return None if v is None else 100 * v
 
 
+def column(config: str, mode: str) -> str:
+    """A table column's name: the config and what of it is scored ("demo seg", "demo_cam CAM")."""
+    return f"{config} {'CAM' if mode == 'cam' else mode}"
+
+
 def seed_table(head: list[str], rows: list[list[float | None]], seeds: list[int], signed: int = 0) -> list[str]:
     """Markdown: one row per seed, then their mean in bold; the last ``signed`` columns (margins) with their sign."""
     mean = [statistics.mean(v for v in col if v is not None) if any(v is not None for v in col) else None
@@ -121,7 +127,7 @@ def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[in
                        difference(miou(runs, c, s, "pseudo"), miou(runs, base, s, "pseudo"))) for s in seeds}
                for c in others} if base else {}
     shown = [(c, m) for c in others for m in ("seg", "cam", "pseudo")] + [(base, m) for m in ("cam", "pseudo") if base]
-    head = [f"{c} {m if m != 'cam' else 'CAM'}" for c, m in shown] + ["all-bg", "likely-cls"]
+    head = [column(c, m) for c, m in shown] + ["all-bg", "likely-cls"]
     if base:
         for c in others:
             head += [f"{c} seg − {base} CAM", f"{c} pseudo − {base} pseudo"]
@@ -159,7 +165,7 @@ def summary(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[i
     base, others = baseline_of(configs, methods)
     shown = [(c, "seg") for c in others] + [(base, "cam")] * bool(base) + [(c, "pseudo") for c in others] \
         + [(base, "pseudo")] * bool(base)
-    head = [f"{c} {'CAM' if m == 'cam' else m}" for c, m in shown]
+    head = [column(c, m) for c, m in shown]
     rows = [[miou(runs, c, s, m) for c, m in shown] for s in seeds]
     return "\n".join(seed_table(head, rows, seeds))
 
@@ -209,10 +215,10 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
     command = shlex.join([sys.executable.rsplit("/", 1)[-1], "benchmarks/demo_seeds.py", *(argv or sys.argv[1:])])
     reused = sum(r["reused"] for r in runs.values())
-    text = (f"`{command}` ({len(jobs)} runs, {args.jobs} at a time, {args.threads} thread(s) each; "
-            f"{mmss(time.time() - t0)} in all" + (f"; {reused} reused from earlier calls, with the threads the "
-                                                   "timing table gives" if reused else "")
-            + ")\n\n" + tables(runs, configs, seeds, methods))
+    made_by = (f"`{command}` ({len(jobs)} runs, {args.jobs} at a time, {args.threads} thread(s) each; "
+               f"{mmss(time.time() - t0)} in all" + (f"; {reused} reused from earlier calls, with the threads the "
+                                                      "timing table gives" if reused else "") + ")")
+    text = made_by + "\n\n" + tables(runs, configs, seeds, methods)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -220,8 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.docs:
         write_into_page(Path(args.docs), text)
     if args.readme:
-        short = summary(runs, configs, seeds, methods)
-        write_into_page(Path(args.readme), text.split("\n\n", 1)[0] + "\n\n" + short, "demo-seeds-summary")
+        write_into_page(Path(args.readme), made_by + "\n\n" + summary(runs, configs, seeds, methods),
+                        "demo-seeds-summary")
 
 
 def write_into_page(page: Path, text: str, marker: str = "demo-seeds-table") -> None:
