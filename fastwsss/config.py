@@ -172,6 +172,8 @@ class EvalConfig:
     max_images: int = 0  # 0 = the whole val split
     num_vis: int = 6  # val images in the PNG grid saved at each evaluation
     batch_size: int = 1  # > 1 only for val images of one size (e.g. synthetic)
+    final_infer: bool = False  # the last evaluation also scores the segmentation as python -m fastwsss.evaluate --crf
+    #   does (infer.*: multi-scale + flip -> seg-ms, then the dense CRF -> seg-crf), the papers' test protocol
 
 
 @dataclass

@@ -23,8 +23,9 @@ from .methods import METHODS
 from .training import NothingToTrain, TrainingInterrupted, train, without_pretrained
 
 DEFAULT_CONFIG = "demo"  # a packaged config (fastwsss.configs)
-SUMMARY = {"seg_miou": "segmentation", "cam_miou": "CAM", "pseudo_miou": "pseudo labels",  # the last line printed
-           "all-bg_miou": "all-background", "likely-cls_miou": "most-likely-present-class"}
+SUMMARY = {"seg_miou": "segmentation", "seg-ms_miou": "multi-scale + flip", "seg-crf_miou": "+ CRF",  # the last line
+           "cam_miou": "CAM", "pseudo_miou": "pseudo labels", "all-bg_miou": "all-background",
+           "likely-cls_miou": "most-likely-present-class"}
 
 
 @user_errors
@@ -96,7 +97,9 @@ def what_it_showed(cfg: Config, result: dict) -> list[str]:
     shown = ("its CAM (given the image labels)" if baseline else "its segmentation (no labels at test time)")
     key = "cam_miou" if baseline else "seg_miou"
     vis = Path(cfg.run.dir) / "vis" / f"val_{result['step']:06d}.png"
-    first = (f"Shown: {shown} mIoU {pct(key)} % against all-background {pct('all-bg_miou')} and "
+    protocol = ("" if baseline or "seg-crf_miou" not in result
+                else f" (single scale; {pct('seg-crf_miou')} % by the papers' test protocol, multi-scale + flip + CRF)")
+    first = (f"Shown: {shown} mIoU {pct(key)} %{protocol} against all-background {pct('all-bg_miou')} and "
              f"most-likely-present-class {pct('likely-cls_miou')}; "
              + (f"overlays {vis}, " if vis.is_file() else "")
              + f"curves: python -m fastwsss.plot {cfg.run.dir}")

@@ -51,11 +51,12 @@ def test_demo_seeds_trains_each_config_per_seed_and_tables_the_margins(synthetic
                    for c in ("demo", "demo_cam")} for s in (0, 3)}
     for s, r in results.items():
         margin = 100 * r["demo"]["seg_miou"] - 100 * r["demo_cam"]["cam_miou"]
+        crf = 100 * r["demo"]["seg-crf_miou"] - 100 * r["demo_cam"]["cam_miou"]  # demo: eval.final_infer
         pseudo = 100 * r["demo"]["pseudo_miou"] - 100 * r["demo_cam"]["pseudo_miou"]
-        assert rows[str(s)].rstrip(" |").endswith(f"{margin:+.1f} | {pseudo:+.1f}"), rows[str(s)]
+        assert rows[str(s)].rstrip(" |").endswith(f"{margin:+.1f} | {crf:+.1f} | {pseudo:+.1f}"), rows[str(s)]
         assert r["demo"]["it_per_s"] and r["demo_cam"]["it_per_s"]
-        short = [100 * r["demo"]["seg_miou"], 100 * r["demo_cam"]["cam_miou"], 100 * r["demo"]["pseudo_miou"],
-                 100 * r["demo_cam"]["pseudo_miou"]]
+        short = [100 * r["demo"]["seg_miou"], 100 * r["demo"]["seg-crf_miou"], 100 * r["demo_cam"]["cam_miou"],
+                 100 * r["demo"]["pseudo_miou"], 100 * r["demo_cam"]["pseudo_miou"]]
         assert f"| {s} | " + " | ".join(f"{v:.1f}" for v in short) + " |" in readme.read_text()
     assert "stale" not in readme.read_text() and "Made by `" in readme.read_text()
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}

@@ -105,6 +105,12 @@ def test_a_finished_run_says_what_it_showed_and_how_fast_each_phase_ran(syntheti
     assert all(rate > 0 for rate in result["it_per_s"].values())
     shown, compare = out[-2:]
     assert shown.startswith(f"Shown: its segmentation (no labels at test time) mIoU {100 * result['seg_miou']:.1f} %")
+    assert f"{100 * result['seg-crf_miou']:.1f} % by the papers' test protocol" in shown  # demo: eval.final_infer
+    # the final evaluation's seg-ms / seg-crf are what python -m fastwsss.evaluate --crf gives the checkpoint
+    from fastwsss.evaluate import main as evaluate_main
+    scored = evaluate_main(["--checkpoint", str(tmp_path / "mcc"), "--modes", "seg", "--crf"])
+    assert scored["seg"]["miou"] == pytest.approx(result["seg-ms_miou"], abs=1e-9)
+    assert scored["seg-crf"]["miou"] == pytest.approx(result["seg-crf_miou"], abs=1e-9)
     assert f"all-background {100 * result['all-bg_miou']:.1f}" in shown
     assert f"overlays {tmp_path / 'mcc' / 'vis' / 'val_000008.png'}" in shown
     assert f"python -m fastwsss.plot {tmp_path / 'mcc'}" in shown
@@ -116,6 +122,7 @@ def test_a_finished_run_says_what_it_showed_and_how_fast_each_phase_ran(syntheti
     result = json.loads((tmp_path / "cam" / "results.json").read_text())
     assert shown.startswith(f"Shown: its CAM (given the image labels) mIoU {100 * result['cam_miou']:.1f} %")
     assert "pseudo_miou" in result  # the baseline's PAR-refined labels, what the method's are compared with
+    assert "seg-crf_miou" not in result and "protocol" not in shown  # no segmentation to score
     assert compare.endswith("python -m fastwsss.train --config demo")
 
 

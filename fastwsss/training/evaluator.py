@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data import EvalDataset, class_names
-from ..inference import evaluate_model, format_table, trivial_baselines
+from ..inference import CRF_MODE, evaluate_model, format_table, trivial_baselines
+from ..inference.predict import make_crf_runner, multiscale_seg_logits
 from ..methods import Method
 from ..models import WSSSNet
 from ..runtime import ONE_PROCESS, Dist
@@ -34,13 +35,19 @@ class Evaluator:
         self.labeller = method.pseudo_labeller()
 
     def __call__(self, model: WSSSNet, step: int) -> dict:
+        """The method's evaluation modes; at the last step with ``eval.final_infer`` (and a method that trains a
+        segmentation) also ``seg-ms`` and ``seg-crf``: the segmentation as ``python -m fastwsss.evaluate --crf``
+        scores it (``infer.*``: multi-scale + flip, then the dense CRF)."""
         t0 = time.time()
         c = self.cfg.cam
+        predictor = self.method.predictor(model)
         results = evaluate_model(
-            self.method.predictor(model), self.dataset, scales=tuple(c.scales), bkg_thresh=c.bkg_thresh,
+            predictor, self.dataset, scales=tuple(c.scales), bkg_thresh=c.bkg_thresh,
             modes=self.method.eval_modes, labeller=self.labeller, device=self.device, autocast=self.autocast,
             num_vis=self.cfg.eval.num_vis, vis_path=self.run_dir / "vis" / f"val_{step:06d}.png",
             num_workers=min(self.cfg.data.num_workers, 2), batch_size=self.cfg.eval.batch_size, dist=self.dist)
+        if (self.cfg.eval.final_infer and step == self.cfg.train.max_iters and "seg" in self.method.eval_modes):
+            results.update(self.inference_protocol(predictor))
         columns = {**results, **self.baselines}
         if not self.dist.main:
             return {}
@@ -50,3 +57,20 @@ class Evaluator:
                 **{f"{k}_miou": cm.miou() for k, cm in columns.items()},
                 "per_class": {k: dict(zip(self.names, np.nan_to_num(cm.iou(), nan=-1).round(4).tolist()))
                               for k, cm in columns.items()}}
+
+    def inference_protocol(self, predictor: torch.nn.Module) -> dict:
+        """``seg-ms`` (the segmentation by ``infer.fusion`` / ``infer.scales``) and ``seg-crf`` (that, then the dense
+        CRF by ``infer.crf_*``): what ``python -m fastwsss.evaluate --crf`` gives the checkpoint."""
+        i = self.cfg.infer
+        crf = make_crf_runner(self.cfg, self.device)
+        try:
+            results = evaluate_model(
+                predictor, self.dataset, scales=tuple(self.cfg.cam.scales), bkg_thresh=self.cfg.cam.bkg_thresh,
+                modes=("seg", CRF_MODE), device=self.device, autocast=self.autocast, crf=crf,
+                num_workers=min(self.cfg.data.num_workers, 2), batch_size=self.cfg.eval.batch_size, dist=self.dist,
+                seg_fn=lambda x: multiscale_seg_logits(predictor, x, scales=tuple(i.scales), fusion=i.fusion,
+                                                       coco_size=i.coco_size),
+                mask_absent_classes=i.mask_absent_classes)
+        finally:
+            crf.close()
+        return {"seg-ms": results["seg"], CRF_MODE: results[CRF_MODE]}
