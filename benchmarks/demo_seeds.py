@@ -85,7 +85,9 @@ def fmt(v: float | None, digits: int = 1, sign: bool = False) -> str:
 
 
 def mmss(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{round(seconds % 60):02d}"
+    """"14:00" for 839.6 s: rounded to the second first (never "13:60")."""
+    s = round(seconds)
+    return f"{s // 60}:{s % 60:02d}"
 
 
 def baseline_of(configs: list[str], methods: dict[str, str]) -> tuple[str | None, list[str]]:

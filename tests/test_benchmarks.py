@@ -24,6 +24,13 @@ def test_every_benchmark_case_runs_once():
     assert " passed" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
 
+def test_demo_seeds_wall_times_round_to_the_second_first():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import demo_seeds
+
+    assert [demo_seeds.mmss(t) for t in (0, 59.4, 59.6, 839.6, 3601)] == ["0:00", "0:59", "1:00", "14:00", "60:01"]
+
+
 def test_demo_seeds_trains_each_config_per_seed_and_tables_the_margins(synthetic_root, tmp_path):
     """benchmarks/demo_seeds.py with the tiny model: one row per seed and the mean, the margins computed from the runs'
     results.json, the baseline's pseudo labels scored, per-phase it/s; the page's table replaced between markers; a
