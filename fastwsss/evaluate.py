@@ -16,15 +16,13 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from . import version_string
 from .cli import user_errors
 from .config import load_config
 from .data import EvalDataset, class_names, open_split
 from .inference.evaluation import CRF_MODE, EVAL_MODES, evaluate_model, evaluate_predictions
 from .inference.metrics import format_table, results_json
-from .inference.predict import check_kernel_backend, load_model, make_crf_runner, multiscale_seg_logits
+from .inference.predict import check_kernel_backend, load_model, make_crf_runner, protocol_seg_fn
 from .methods import build_method
 from .runtime import init_distributed, make_autocast
 
@@ -87,15 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
         autocast = make_autocast(cfg.train.precision, device)
         dataset = EvalDataset(items, args.max_images)
 
-        def seg_fn(x: torch.Tensor) -> torch.Tensor:
-            return multiscale_seg_logits(model, x, scales=tuple(i.scales), fusion=i.fusion, coco_size=i.coco_size)
-
         crf = make_crf_runner(cfg, device) if args.crf else None
         try:
             results = evaluate_model(
                 model, dataset, scales=tuple(c.scales), bkg_thresh=c.bkg_thresh, modes=modes,
                 labeller=build_method(cfg).pseudo_labeller(), device=device, autocast=autocast,
-                num_vis=args.num_vis if args.vis else 0, vis_path=args.vis, num_workers=i.num_workers, seg_fn=seg_fn,
+                num_vis=args.num_vis if args.vis else 0, vis_path=args.vis, num_workers=i.num_workers, seg_fn=protocol_seg_fn(model, i),
                 mask_absent_classes=i.mask_absent_classes, crf=crf, save_dir=args.save_predictions,
                 progress=True, dist=dist)
         finally:

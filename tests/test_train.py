@@ -126,6 +126,24 @@ def test_a_finished_run_says_what_it_showed_and_how_fast_each_phase_ran(syntheti
     assert compare.endswith("python -m fastwsss.train --config demo")
 
 
+def test_a_final_crf_that_cannot_run_stops_the_run_at_start(synthetic_root, tmp_path, monkeypatch):
+    """eval.final_infer runs the dense CRF after the last step: a CRF that cannot run here (pydensecrf missing) is
+    named before the first step, not after the training."""
+    from fastwsss.config import load_config
+    from fastwsss.inference import crf
+    from tests.conftest import TINY_OVERRIDES
+
+    def missing():
+        raise ImportError("impl='pydensecrf' needs pydensecrf2")
+
+    monkeypatch.setattr(crf, "_pydensecrf", missing)
+    cfg = load_config("demo", [*TINY_OVERRIDES, f"data.root={synthetic_root}", f"run.dir={tmp_path / 'run'}",
+                               "train.max_iters=4", "infer.crf_impl=pydensecrf"])
+    with pytest.raises(ImportError, match="pydensecrf2"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("name", ["demo", "demo_cam", "demo_toco", "demo_cosa", "demo_more"])
 def test_every_demo_config_trains_and_evaluates(name, synthetic_root, tmp_path):
     """Each demo config runs end to end with the tiny model (its own schedule shortened so every term is on)."""

@@ -63,10 +63,7 @@ def _check_inputs(image: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Te
 
 def dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
     """The reference: image uint8 [H, W, 3], probs [C, H, W] -> marginals Q float32 [C, H, W] (pydensecrf2)."""
-    try:
-        import pydensecrf.densecrf as dcrf
-    except ImportError as err:
-        raise ImportError("impl='pydensecrf' needs pydensecrf2: pip install 'fastwsss[crf]'") from err
+    dcrf = _pydensecrf()
     _check_inputs(image, probs)
     C, H, W = probs.shape
     crf = dcrf.DenseCRF2D(W, H, C)
@@ -112,13 +109,29 @@ def dense_crf_torch(images: torch.Tensor, probs: torch.Tensor, params: CRFParams
     return q
 
 
+def _pydensecrf():
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError as err:
+        raise ImportError("impl='pydensecrf' needs pydensecrf2: pip install 'fastwsss[crf]' (or use impl 'lattice', "
+                          "ours)") from err
+    return dcrf
+
+
+def require_crf_impl(impl: str) -> None:
+    """Fail now, with the reason, where ``impl`` is unknown or cannot run here (pydensecrf not installed)."""
+    if impl not in CRF_IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {CRF_IMPLS}")
+    if impl == "pydensecrf":
+        _pydensecrf()
+
+
 def dense_crf(image: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor, params: CRFParams = CRFParams(), *,
               impl: str = "lattice", device: str | torch.device | None = None, backend: str = "auto") -> np.ndarray:
     """One image: uint8 [H, W, 3] and probabilities [C, H, W] -> marginals float32 [C, H, W] (labels: argmax(0)).
 
     ``impl``: "pydensecrf" (the C++ reference) or "lattice" (ours, on ``device``: default the probs' device)."""
-    if impl not in CRF_IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {CRF_IMPLS}")
+    require_crf_impl(impl)
     if impl == "pydensecrf":
         image = image.cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
         probs = probs.float().cpu().numpy() if torch.is_tensor(probs) else np.asarray(probs, dtype=np.float32)
@@ -156,8 +169,7 @@ class CRFRunner:
 
     def __init__(self, params: CRFParams = CRFParams(), impl: str = "pydensecrf", *, workers: int = 0,
                  device: str | torch.device = "cpu", batch_size: int = 1, backend: str = "auto"):
-        if impl not in CRF_IMPLS:
-            raise ValueError(f"impl={impl!r} is not one of {CRF_IMPLS}")
+        require_crf_impl(impl)  # pydensecrf: fail here, not inside a worker
         self.params, self.impl, self.backend = params, impl, backend
         self.device, self.batch_size = torch.device(device), max(1, batch_size)
         self.workers = workers if workers > 0 else (os.cpu_count() or 1)
@@ -165,8 +177,6 @@ class CRFRunner:
         self._pending: dict[futures.Future, Hashable] = {}
         self._buffer: list[tuple[Hashable, torch.Tensor, torch.Tensor]] = []
         if impl == "pydensecrf":
-            import pydensecrf.densecrf  # noqa: F401  (fail here, not inside a worker)
-
             self._pool = futures.ProcessPoolExecutor(self.workers, mp_context=_pool_context())
 
     def submit(self, tag: Hashable, image: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor

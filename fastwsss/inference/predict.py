@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,6 +40,12 @@ FUSION_RULES = {
 
 def _fuse(a: torch.Tensor, b: torch.Tensor, how: str) -> torch.Tensor:
     return a + b if how == "sum" else torch.maximum(a, b)
+
+
+def protocol_seg_fn(model: torch.nn.Module, i: InferConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Images -> segmentation logits by the test protocol ``i`` names (``infer.fusion`` / ``scales`` /
+    ``coco_size``): the ``seg_fn`` of ``python -m fastwsss.evaluate`` and of a run's final ``eval.final_infer``."""
+    return lambda x: multiscale_seg_logits(model, x, scales=tuple(i.scales), fusion=i.fusion, coco_size=i.coco_size)
 
 
 @torch.no_grad()

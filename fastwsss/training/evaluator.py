@@ -13,7 +13,8 @@ from tqdm import tqdm
 from ..config import Config
 from ..data import EvalDataset, class_names
 from ..inference import CRF_MODE, evaluate_model, format_table, trivial_baselines
-from ..inference.predict import make_crf_runner, multiscale_seg_logits
+from ..inference.crf import require_crf_impl
+from ..inference.predict import make_crf_runner, protocol_seg_fn
 from ..methods import Method
 from ..models import WSSSNet
 from ..runtime import ONE_PROCESS, Dist
@@ -33,6 +34,9 @@ class Evaluator:
         self.names = class_names(cfg.data)
         self.baselines = trivial_baselines(self.dataset, prior) if dist.main else {}
         self.labeller = method.pseudo_labeller()
+        self.final_infer = cfg.eval.final_infer and "seg" in method.eval_modes
+        if self.final_infer:  # its CRF runs at the end of training: fail at the start if it cannot
+            require_crf_impl(cfg.infer.crf_impl)
 
     def __call__(self, model: WSSSNet, step: int) -> dict:
         """The method's evaluation modes; at the last step with ``eval.final_infer`` (and a method that trains a
@@ -46,7 +50,7 @@ class Evaluator:
             modes=self.method.eval_modes, labeller=self.labeller, device=self.device, autocast=self.autocast,
             num_vis=self.cfg.eval.num_vis, vis_path=self.run_dir / "vis" / f"val_{step:06d}.png",
             num_workers=min(self.cfg.data.num_workers, 2), batch_size=self.cfg.eval.batch_size, dist=self.dist)
-        if (self.cfg.eval.final_infer and step == self.cfg.train.max_iters and "seg" in self.method.eval_modes):
+        if self.final_infer and step == self.cfg.train.max_iters:
             results.update(self.inference_protocol(predictor))
         columns = {**results, **self.baselines}
         if not self.dist.main:
@@ -62,15 +66,10 @@ class Evaluator:
         """``seg-ms`` (the segmentation by ``infer.fusion`` / ``infer.scales``) and ``seg-crf`` (that, then the dense
         CRF by ``infer.crf_*``): what ``python -m fastwsss.evaluate --crf`` gives the checkpoint."""
         i = self.cfg.infer
-        crf = make_crf_runner(self.cfg, self.device)
-        try:
+        with make_crf_runner(self.cfg, self.device) as crf:
             results = evaluate_model(
                 predictor, self.dataset, scales=tuple(self.cfg.cam.scales), bkg_thresh=self.cfg.cam.bkg_thresh,
                 modes=("seg", CRF_MODE), device=self.device, autocast=self.autocast, crf=crf,
                 num_workers=min(self.cfg.data.num_workers, 2), batch_size=self.cfg.eval.batch_size, dist=self.dist,
-                seg_fn=lambda x: multiscale_seg_logits(predictor, x, scales=tuple(i.scales), fusion=i.fusion,
-                                                       coco_size=i.coco_size),
-                mask_absent_classes=i.mask_absent_classes)
-        finally:
-            crf.close()
+                seg_fn=protocol_seg_fn(predictor, i), mask_absent_classes=i.mask_absent_classes)
         return {"seg-ms": results["seg"], CRF_MODE: results[CRF_MODE]}
