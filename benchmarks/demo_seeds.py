@@ -18,8 +18,10 @@ command) to a file, ``--docs docs/demo.md`` puts them into that page, ``--readme
 
 The numbers are each run's final evaluation (``<run dir>/results.json``). Runs go to
 ``<runs-dir>/<config>/seed<N>``; a run that has its results.json is reused (``--fresh`` retrains it), an interrupted
-one is resumed. ``key=value`` arguments after the options override every run's config (e.g. ``eval.max_images=100``
-for a quick look; ``data.root=...`` to place the data elsewhere).
+one is resumed, unless it was made with other settings than the command's (its config.yaml against the config and
+overrides, compared as a resume compares them): then it is retrained, and the output says which settings changed.
+``key=value`` arguments after the options override every run's config (e.g. ``eval.max_images=100`` for a quick
+look; ``data.root=...`` to place the data elsewhere).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastwsss.config import load_config
+from fastwsss.config import load_config, resume_changes
 from fastwsss.data import open_splits
 from fastwsss.methods import METHODS  # importing it registers the methods a config may name
 
@@ -50,10 +52,25 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def settings_changed(config: str, seed: int, run_dir: Path, overrides: list[str]) -> list[str]:
+    """What this command would train differently from the run already in ``run_dir`` (its saved config.yaml),
+    ``"key: old -> new"``: the settings a resume refuses (``resume_changes``). Such a run is neither reused nor
+    resumed: a table must not show a run of last week's config. [] where no run was saved."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return []
+    wanted = load_config(config, [f"train.seed={seed}", f"run.dir={run_dir}", *overrides])
+    return resume_changes(load_config(saved), wanted)[1]
+
+
 def run_one(config: str, seed: int, run_dir: Path, overrides: list[str], threads: int, fresh: bool) -> dict:
     """Train one config at one seed (or reuse its results); returns its results, wall time and loads."""
     results = run_dir / "results.json"
-    if fresh and run_dir.exists():
+    changed = [] if fresh else settings_changed(config, seed, run_dir, overrides)
+    if changed:
+        print(f"{config} seed {seed}: retrained, its run in {run_dir} was made with other settings: "
+              + "; ".join(changed), flush=True)
+    if (fresh or changed) and run_dir.exists():
         shutil.rmtree(run_dir)
     info_path = run_dir / "demo_seeds.json"
     if results.is_file() and info_path.is_file():

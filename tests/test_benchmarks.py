@@ -31,10 +31,10 @@ def test_demo_seeds_wall_times_round_to_the_second_first():
     assert [demo_seeds.mmss(t) for t in (0, 59.4, 59.6, 839.6, 3601)] == ["0:00", "0:59", "1:00", "14:00", "60:01"]
 
 
-def test_demo_seeds_trains_each_config_per_seed_and_tables_the_margins(synthetic_root, tmp_path):
+def test_demo_seeds_trains_each_config_per_seed_and_tables_the_margins(synthetic_root, tmp_path, capsys):
     """benchmarks/demo_seeds.py with the tiny model: one row per seed and the mean, the margins computed from the runs'
     results.json, the baseline's pseudo labels scored, per-phase it/s; the page's table replaced between markers; a
-    second call reuses the runs."""
+    second call reuses the runs, a third with another setting retrains them."""
     import json
 
     from tests.conftest import TINY_OVERRIDES
@@ -69,3 +69,13 @@ def test_demo_seeds_trains_each_config_per_seed_and_tables_the_margins(synthetic
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
     demo_seeds.main(args)  # reused, not retrained
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")} == before
+    capsys.readouterr()
+    lr = demo_seeds.load_config("demo", tiny).optim.lr
+    demo_seeds.main([a if a != "0,3" else "3" for a in args] + [f"optim.lr={2 * lr}"])  # made with other settings
+    out = capsys.readouterr().out
+    for config in ("demo", "demo_cam"):
+        assert f"{config} seed 3: retrained, its run in {tmp_path / 'runs' / config / 'seed3'} was made with other " \
+               f"settings: optim.lr: {lr} -> {2 * lr}" in out, out
+        assert f"lr: {2 * lr}\n" in (tmp_path / "runs" / config / "seed3" / "config.yaml").read_text()
+    after = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
+    assert [p.parent.name for p in after if after[p] != before[p]] == ["seed3", "seed3"], after
