@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
             results = evaluate_model(
                 model, dataset, scales=tuple(c.scales), bkg_thresh=c.bkg_thresh, modes=modes,
                 labeller=build_method(cfg).pseudo_labeller(), device=device, autocast=autocast,
-                num_vis=args.num_vis if args.vis else 0, vis_path=args.vis, num_workers=i.num_workers, seg_fn=protocol_seg_fn(model, i),
+                num_vis=args.num_vis if args.vis else 0, vis_path=args.vis, num_workers=i.num_workers,
+                seg_fn=protocol_seg_fn(model, i),
                 mask_absent_classes=i.mask_absent_classes, crf=crf, save_dir=args.save_predictions,
                 progress=True, dist=dist)
         finally:
