@@ -9,7 +9,11 @@ images), ``--jobs`` runs at a time with ``--threads`` torch threads each (OMP_NU
 table with one row per seed and their mean: each method's segmentation mIoU (no labels at test time; single scale,
 and by the papers' test protocol, seg-crf, where the config sets eval.final_infer), CAM and pseudo-label mIoU
 (given the image labels), the baseline's CAM and pseudo-label mIoU, the two trivial baselines (all-bg, likely-cls)
-and the margins seg - baseline CAM, seg-crf - baseline CAM and pseudo - baseline pseudo. A second table gives each
+and the margins seg - baseline CAM, seg-crf - baseline CAM and pseudo - baseline pseudo. Pseudo labels are compared
+made the same way: where a method config labels its CAMs with other settings than the baseline's (``cam.high_thresh``,
+``cam.low_thresh``, PAR's), the baseline's CAMs are labelled with the method's settings too (``python -m
+fastwsss.evaluate --modes pseudo`` on its checkpoint, cached in its run directory), and the table shows that column
+beside the baseline's own. A second table gives each
 run's wall time and iterations per second in its first phase (classification only) and its last (every term on),
 as the run measured them (``results.json``'s ``it_per_s``: training time only), with the load average when the run
 started and ended, so a slow machine can be told apart from slow code. ``--out`` writes both tables (and the
@@ -95,6 +99,45 @@ def run_one(config: str, seed: int, run_dir: Path, overrides: list[str], threads
     return {**info, "results": json.loads(results.read_text()), "reused": False}
 
 
+LABEL_KEYS = ("cam.high_thresh", "cam.low_thresh", "cam.par_dilations", "cam.par_num_iter", "quirks.round_denorm")
+
+
+def label_settings(cfg) -> dict[str, object]:
+    """The settings besides the CAMs that a run's ``pseudo`` labels are made with (the default pseudo labeller's)."""
+    out = {}
+    for key in LABEL_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def baseline_pseudo(run_dir: Path, config: str, changes: dict[str, object], threads: int) -> float:
+    """The pseudo-label mIoU (%) of the baseline run in ``run_dir`` with its CAMs labelled by ``config``'s settings
+    (``changes``: key -> value), by ``python -m fastwsss.evaluate --modes pseudo`` on its checkpoint, on the images its
+    own final evaluation scored. Cached in ``<run_dir>/pseudo_as_<config>.json`` with the settings it was made with
+    (a retrained baseline's directory is made afresh, so the cache goes with it)."""
+    cache = run_dir / f"pseudo_as_{config}.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved["settings"] == changes:
+            return saved["pseudo_miou"]
+    scored = run_dir / f"pseudo_as_{config}.eval.json"
+    max_images = load_config(run_dir / "config.yaml").eval.max_images
+    cmd = [sys.executable, "-m", "fastwsss.evaluate", "--checkpoint", str(run_dir), "--modes", "pseudo",
+           "--max-images", str(max_images), "--json", str(scored), *(f"{k}={json.dumps(v)}" for k, v in changes.items())]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(run_dir / "console.txt", "a") as console:
+        proc = subprocess.run(cmd, env=env, stdout=console, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0 or not scored.is_file():
+        raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}): see {run_dir / 'console.txt'}")
+    value = 100 * json.loads(scored.read_text())["pseudo"]["miou"]
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": changes, "pseudo_miou": value, "command": shlex.join(cmd)}, indent=1))
+    tmp.replace(cache)
+    return value
+
+
 def fmt(v: float | None, digits: int = 1, sign: bool = False) -> str:
     if v is None:
         return "—"
@@ -135,9 +178,20 @@ def seed_table(head: list[str], rows: list[list[float | None]], seeds: list[int]
     return lines
 
 
-def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[int], methods: dict[str, str]) -> str:
-    """The results table (one row per seed and the mean) and the timing table, in markdown."""
+def relabelled_column(base: str, config: str) -> str:
+    return f"{base} pseudo as {config}'s"
+
+
+def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[int], methods: dict[str, str],
+           relabelled: dict[str, dict] | None = None) -> str:
+    """The results table (one row per seed and the mean) and the timing table, in markdown. ``relabelled``: method
+    config -> {"changes": its labelling settings that differ from the baseline's, "pseudo": {seed: the baseline's
+    pseudo-label mIoU made with them}}; those configs' pseudo labels are compared with these."""
     base, others = baseline_of(configs, methods)
+    relabelled = relabelled or {}
+
+    def base_pseudo(c: str, s: int) -> float | None:
+        return relabelled[c]["pseudo"][s] if c in relabelled else miou(runs, base, s, "pseudo")
 
     def difference(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a - b
@@ -145,16 +199,18 @@ def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[in
     # per method config and seed: its seg and seg-crf - the baseline's CAM, its pseudo - the baseline's pseudo
     margins = {c: {s: (difference(miou(runs, c, s, "seg"), miou(runs, base, s, "cam")),
                        difference(miou(runs, c, s, "seg-crf"), miou(runs, base, s, "cam")),
-                       difference(miou(runs, c, s, "pseudo"), miou(runs, base, s, "pseudo"))) for s in seeds}
+                       difference(miou(runs, c, s, "pseudo"), base_pseudo(c, s))) for s in seeds}
                for c in others} if base else {}
     shown = ([(c, m) for c in others for m in ("seg", "seg-crf", "cam", "pseudo")]
              + [(base, m) for m in ("cam", "pseudo") if base])
-    head = [column(c, m) for c, m in shown] + ["all-bg", "likely-cls"]
+    head = [column(c, m) for c, m in shown] + [relabelled_column(base, c) for c in relabelled] + ["all-bg",
+                                                                                                   "likely-cls"]
     if base:
         for c in others:
-            head += [f"{c} seg − {base} CAM", f"{c} seg-crf − {base} CAM", f"{c} pseudo − {base} pseudo"]
-    rows = [[miou(runs, c, s, m) for c, m in shown] + [miou(runs, configs[0], s, "all-bg"),
-                                                       miou(runs, configs[0], s, "likely-cls")]
+            versus = relabelled_column(base, c) if c in relabelled else f"{base} pseudo"
+            head += [f"{c} seg − {base} CAM", f"{c} seg-crf − {base} CAM", f"{c} pseudo − {versus}"]
+    rows = [[miou(runs, c, s, m) for c, m in shown] + [base_pseudo(c, s) for c in relabelled]
+            + [miou(runs, configs[0], s, "all-bg"), miou(runs, configs[0], s, "likely-cls")]
             + [v for c in others for v in margins[c][s]] for s in seeds]
     lines = seed_table(head, rows, seeds, signed=3 * len(margins))
     for c, by_seed in margins.items():
@@ -162,8 +218,10 @@ def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[in
         if worst[0] is not None:
             wins = sum(p is not None and p > 0 for *_, p in by_seed.values())
             crf = f" (seg-crf − {base} CAM {worst[1]:+.1f})" if worst[1] is not None else ""
+            made = (" (its CAMs labelled with " + ", ".join(f"{k} {v}" for k, v in relabelled[c]["changes"].items())
+                    + f" as {c}'s are)") if c in relabelled else ""
             lines.append(f"\n{c}: smallest margin seg − {base} CAM over the seeds {worst[0]:+.1f}{crf}; pseudo labels "
-                         f"above {base}'s for {wins} of {len(seeds)} seeds.")
+                         f"above {base}'s{made} for {wins} of {len(seeds)} seeds.")
     n_images = {runs[k]["results"].get("num_images") for k in runs}
     lines.append(f"\nmIoU % on {'/'.join(map(str, sorted(n_images)))} val images; seg = the segmentation head, "
                  "single scale, no labels at test time; seg-crf = the same head by the papers' test protocol "
@@ -184,13 +242,17 @@ def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[in
     return "\n".join(lines + speed)
 
 
-def summary(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[int], methods: dict[str, str]) -> str:
-    """The short table for a README: each method's segmentation beside the baseline's CAM, then the pseudo labels."""
+def summary(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[int], methods: dict[str, str],
+            relabelled: dict[str, dict] | None = None) -> str:
+    """The short table for a README: each method's segmentation beside the baseline's CAM, then the pseudo labels
+    (the baseline's also as each ``relabelled`` config labels them, see ``tables``)."""
     base, others = baseline_of(configs, methods)
+    relabelled = relabelled or {}
     shown = ([(c, m) for m in ("seg", "seg-crf") for c in others] + [(base, "cam")] * bool(base)
              + [(c, "pseudo") for c in others] + [(base, "pseudo")] * bool(base))
-    head = [column(c, m) for c, m in shown]
-    rows = [[miou(runs, c, s, m) for c, m in shown] for s in seeds]
+    head = [column(c, m) for c, m in shown] + [relabelled_column(base, c) for c in relabelled]
+    rows = [[miou(runs, c, s, m) for c, m in shown] + [relabelled[c]["pseudo"][s] for c in relabelled]
+            for s in seeds]
     return "\n".join(seed_table(head, rows, seeds))
 
 
@@ -219,10 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         parser.error(f"overrides must be key=value and not train.seed / run.dir (set per run): {' '.join(bad)}")
 
-    methods = {}
+    methods, labelling = {}, {}
     for c in configs:  # check every config first; generate the data once, before runs share it
         cfg = load_config(c, args.overrides)
-        methods[c] = cfg.train.method
+        methods[c], labelling[c] = cfg.train.method, label_settings(cfg)
         open_splits(cfg.data)
     jobs = [(c, s) for s in seeds for c in configs]
     root = Path(args.runs_dir)
@@ -237,12 +299,21 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{job[0]} seed {job[1]}: {'reused' if r['reused'] else mmss(r['wall_s'])}; "
                   + ", ".join(f"{k[:-5]} {100 * v:.1f}" for k, v in r["results"].items() if k.endswith("_miou")),
                   flush=True)
+    base, others = baseline_of(configs, methods)
+    relabelled = {}  # method config -> its labelling settings that differ from the baseline's, the baseline so labelled
+    for c in (others if base else []):
+        changes = {k: v for k, v in labelling[c].items() if v != labelling[base][k]}
+        if changes:
+            relabelled[c] = {"changes": changes, "pseudo": {
+                s: baseline_pseudo(root / base / f"seed{s}", c, changes, args.threads) for s in seeds}}
+            print(f"{base} pseudo labels as {c} makes them (" + ", ".join(f"{k} {v}" for k, v in changes.items())
+                  + "): " + ", ".join(f"seed {s} {v:.1f}" for s, v in relabelled[c]["pseudo"].items()), flush=True)
     command = shlex.join([sys.executable.rsplit("/", 1)[-1], "benchmarks/demo_seeds.py", *(argv or sys.argv[1:])])
     reused = sum(r["reused"] for r in runs.values())
     made_by = (f"`{command}` ({len(jobs)} runs, {args.jobs} at a time, {args.threads} thread(s) each; "
                f"{mmss(time.time() - t0)} in all" + (f"; {reused} reused from earlier calls, with the threads the "
                                                       "timing table gives" if reused else "") + ")")
-    text = made_by + "\n\n" + tables(runs, configs, seeds, methods)
+    text = made_by + "\n\n" + tables(runs, configs, seeds, methods, relabelled)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.docs:
         write_into_page(Path(args.docs), text)
     if args.readme:
-        write_into_page(Path(args.readme), made_by + "\n\n" + summary(runs, configs, seeds, methods),
+        write_into_page(Path(args.readme), made_by + "\n\n" + summary(runs, configs, seeds, methods, relabelled),
                         "demo-seeds-summary")
 
 
