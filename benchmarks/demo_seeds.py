@@ -67,6 +67,16 @@ def settings_changed(config: str, seed: int, run_dir: Path, overrides: list[str]
     return resume_changes(load_config(saved), wanted)[1]
 
 
+def run_logged(cmd: list[str], run_dir: Path, threads: int, makes: Path, what: str) -> None:
+    """Run ``cmd`` with ``threads`` torch threads, its output appended to ``<run_dir>/console.txt``; it must exit 0
+    and leave ``makes``, else RuntimeError naming ``what`` and the console file."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(run_dir / "console.txt", "a") as console:
+        proc = subprocess.run(cmd, env=env, stdout=console, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0 or not makes.is_file():
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): see {run_dir / 'console.txt'}")
+
+
 def run_one(config: str, seed: int, run_dir: Path, overrides: list[str], threads: int, fresh: bool) -> dict:
     """Train one config at one seed (or reuse its results); returns its results, wall time and loads."""
     results = run_dir / "results.json"
@@ -84,15 +94,11 @@ def run_one(config: str, seed: int, run_dir: Path, overrides: list[str], threads
     cmd = [sys.executable, "-m", "fastwsss.train",
            *([f"run.resume={run_dir}"] if resume else ["--config", config, f"train.seed={seed}", f"run.dir={run_dir}",
                                                          *overrides])]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     run_dir.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()[0]
     t0 = time.time()
-    with open(run_dir / "console.txt", "a") as console:
-        proc = subprocess.run(cmd, env=env, stdout=console, stderr=subprocess.STDOUT, check=False)
+    run_logged(cmd, run_dir, threads, results, f"{config} seed {seed}")
     wall = time.time() - t0
-    if proc.returncode != 0 or not results.is_file():
-        raise RuntimeError(f"{config} seed {seed} failed (exit {proc.returncode}): see {run_dir / 'console.txt'}")
     info = {"config": config, "seed": seed, "wall_s": wall, "resumed": resume, "threads": threads,
             "load_start": load_start, "load_end": os.getloadavg()[0], "command": shlex.join(cmd)}
     info_path.write_text(json.dumps(info, indent=1))
@@ -112,6 +118,11 @@ def label_settings(cfg) -> dict[str, object]:
     return out
 
 
+def settings_text(changes: dict[str, object]) -> str:
+    """"cam.high_thresh 0.2, cam.low_thresh 0.1": labelling settings as the output names them."""
+    return ", ".join(f"{k} {v}" for k, v in changes.items())
+
+
 def baseline_pseudo(run_dir: Path, config: str, changes: dict[str, object], threads: int) -> float:
     """The pseudo-label mIoU (%) of the baseline run in ``run_dir`` with its CAMs labelled by ``config``'s settings
     (``changes``: key -> value), by ``python -m fastwsss.evaluate --modes pseudo`` on its checkpoint, on the images its
@@ -126,11 +137,7 @@ def baseline_pseudo(run_dir: Path, config: str, changes: dict[str, object], thre
     max_images = load_config(run_dir / "config.yaml").eval.max_images
     cmd = [sys.executable, "-m", "fastwsss.evaluate", "--checkpoint", str(run_dir), "--modes", "pseudo",
            "--max-images", str(max_images), "--json", str(scored), *(f"{k}={json.dumps(v)}" for k, v in changes.items())]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(run_dir / "console.txt", "a") as console:
-        proc = subprocess.run(cmd, env=env, stdout=console, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0 or not scored.is_file():
-        raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}): see {run_dir / 'console.txt'}")
+    run_logged(cmd, run_dir, threads, scored, shlex.join(cmd))
     value = 100 * json.loads(scored.read_text())["pseudo"]["miou"]
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps({"settings": changes, "pseudo_miou": value, "command": shlex.join(cmd)}, indent=1))
@@ -183,12 +190,11 @@ def relabelled_column(base: str, config: str) -> str:
 
 
 def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[int], methods: dict[str, str],
-           relabelled: dict[str, dict] | None = None) -> str:
+           relabelled: dict[str, dict]) -> str:
     """The results table (one row per seed and the mean) and the timing table, in markdown. ``relabelled``: method
     config -> {"changes": its labelling settings that differ from the baseline's, "pseudo": {seed: the baseline's
     pseudo-label mIoU made with them}}; those configs' pseudo labels are compared with these."""
     base, others = baseline_of(configs, methods)
-    relabelled = relabelled or {}
 
     def base_pseudo(c: str, s: int) -> float | None:
         return relabelled[c]["pseudo"][s] if c in relabelled else miou(runs, base, s, "pseudo")
@@ -218,8 +224,8 @@ def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[in
         if worst[0] is not None:
             wins = sum(p is not None and p > 0 for *_, p in by_seed.values())
             crf = f" (seg-crf − {base} CAM {worst[1]:+.1f})" if worst[1] is not None else ""
-            made = (" (its CAMs labelled with " + ", ".join(f"{k} {v}" for k, v in relabelled[c]["changes"].items())
-                    + f" as {c}'s are)") if c in relabelled else ""
+            made = (f" (its CAMs labelled with {settings_text(relabelled[c]['changes'])} as {c}'s are)"
+                    if c in relabelled else "")
             lines.append(f"\n{c}: smallest margin seg − {base} CAM over the seeds {worst[0]:+.1f}{crf}; pseudo labels "
                          f"above {base}'s{made} for {wins} of {len(seeds)} seeds.")
     n_images = {runs[k]["results"].get("num_images") for k in runs}
@@ -243,11 +249,10 @@ def tables(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[in
 
 
 def summary(runs: dict[tuple[str, int], dict], configs: list[str], seeds: list[int], methods: dict[str, str],
-            relabelled: dict[str, dict] | None = None) -> str:
+            relabelled: dict[str, dict]) -> str:
     """The short table for a README: each method's segmentation beside the baseline's CAM, then the pseudo labels
     (the baseline's also as each ``relabelled`` config labels them, see ``tables``)."""
     base, others = baseline_of(configs, methods)
-    relabelled = relabelled or {}
     shown = ([(c, m) for m in ("seg", "seg-crf") for c in others] + [(base, "cam")] * bool(base)
              + [(c, "pseudo") for c in others] + [(base, "pseudo")] * bool(base))
     head = [column(c, m) for c, m in shown] + [relabelled_column(base, c) for c in relabelled]
@@ -306,8 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         if changes:
             relabelled[c] = {"changes": changes, "pseudo": {
                 s: baseline_pseudo(root / base / f"seed{s}", c, changes, args.threads) for s in seeds}}
-            print(f"{base} pseudo labels as {c} makes them (" + ", ".join(f"{k} {v}" for k, v in changes.items())
-                  + "): " + ", ".join(f"seed {s} {v:.1f}" for s, v in relabelled[c]["pseudo"].items()), flush=True)
+            print(f"{base} pseudo labels as {c} makes them ({settings_text(changes)}): "
+                  + ", ".join(f"seed {s} {v:.1f}" for s, v in relabelled[c]["pseudo"].items()), flush=True)
     command = shlex.join([sys.executable.rsplit("/", 1)[-1], "benchmarks/demo_seeds.py", *(argv or sys.argv[1:])])
     reused = sum(r["reused"] for r in runs.values())
     made_by = (f"`{command}` ({len(jobs)} runs, {args.jobs} at a time, {args.threads} thread(s) each; "
